@@ -1,0 +1,263 @@
+"""Dataset contract shared by every registered dataset.
+
+A dataset yields `(uint8 CHW image tensor, int label)` pairs (label -1 when unlabelled). Normalisation
+and augmentation are *not* applied here: they run batched on the training device (`batches.py`), so a
+GPU never waits on per-image CPU transforms. Small datasets are decoded once into uint8 arrays and cached
+as `.npy`; ImageNet-scale trees stay as files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..registry import Registry
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".gif", ".tif", ".tiff")
+
+
+class DatasetError(RuntimeError):
+    """A dataset is missing or malformed; the message says where we looked and how to get the data."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    splits: tuple[str, ...]
+    classes: tuple[str, ...] = ()
+    how_to_get: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+#: name -> loader(root, split, download) -> ImageDataset; metadata `info` is the DatasetInfo.
+DATASETS: Registry = Registry("dataset")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    info: DatasetInfo
+    split: str
+
+    @property
+    def labeled(self) -> bool:
+        raise NotImplementedError
+
+
+class ArrayImageDataset(ImageDataset):
+    """Images held as one uint8 NHWC array (+ int64 labels, or None when unlabelled)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None, info: DatasetInfo, split: str):
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise DatasetError(f"{info.name}/{split}: images must be uint8 NHWC, got {images.dtype} {images.shape}")
+        if labels is not None and len(labels) != len(images):
+            raise DatasetError(f"{info.name}/{split}: {len(images)} images but {len(labels)} labels")
+        self.images, self.info, self.split = images, info, split
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+
+    @property
+    def labeled(self) -> bool:
+        return self.labels is not None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        img = torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+        return img, int(self.labels[i]) if self.labels is not None else -1
+
+    def subset(self, n: int) -> "ArrayImageDataset":
+        labels = None if self.labels is None else self.labels[:n]
+        return ArrayImageDataset(self.images[:n], labels, self.info, self.split)
+
+
+class FileImageDataset(ImageDataset):
+    """Images read from files on access (for trees too big to hold decoded), resized + center-cropped."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], info: DatasetInfo, split: str, resize: int | None = None):
+        self.samples, self.info, self.split = list(samples), info, split
+        self.resize = resize or info.image_size
+        self._labeled = all(label >= 0 for _, label in self.samples)
+
+    @property
+    def labeled(self) -> bool:
+        return self._labeled
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        arr = decode_image(path, self.info.image_size, self.info.channels, self.resize)
+        return torch.from_numpy(arr).permute(2, 0, 1), label
+
+    def subset(self, n: int) -> "FileImageDataset":
+        return FileImageDataset(self.samples[:n], self.info, self.split, self.resize)
+
+
+def decode_image(path: str | Path, size: int, channels: int = 3, resize: int | None = None) -> np.ndarray:
+    """Decode one file to uint8 HWC; images of another size are resized (shorter side) and center-cropped."""
+    with Image.open(path) as im:
+        im = im.convert("RGB" if channels == 3 else "L")
+        if im.size != (size, size):
+            resize = resize or size
+            w, h = im.size
+            scale = resize / min(w, h)
+            im = im.resize((max(resize, round(w * scale)), max(resize, round(h * scale))), Image.BILINEAR)
+            left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+        arr = np.asarray(im, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def decode_files(paths: Sequence[str | Path], size: int, channels: int = 3) -> np.ndarray:
+    """Decode many files into one uint8 NHWC array; threads overlap Pillow's GIL-free decoding."""
+    out = np.empty((len(paths), size, size, channels), dtype=np.uint8)
+
+    def work(i: int) -> None:
+        out[i] = decode_image(paths[i], size, channels)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        list(pool.map(work, range(len(paths)), chunksize=256))
+    return out
+
+
+def cache_root() -> Path:
+    """Where decoded arrays and unpacked archives live: $KDCI_RAY_CACHE or ~/.cache/kdci_ray."""
+    return Path(os.environ.get("KDCI_RAY_CACHE", Path.home() / ".cache" / "kdci_ray"))
+
+
+def _file_fingerprint(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def cached_arrays(
+    key_parts: dict, source_files: Sequence[Path], build: Callable[[], tuple[np.ndarray, np.ndarray | None]]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Return `build()`'s (images, labels), cached as .npy under a key of `key_parts` + the files' stats.
+
+    A changed, added or removed source file changes the key, so a stale cache is never read.
+    """
+    key = hashlib.sha256(
+        (json.dumps(key_parts, sort_keys=True) + _file_fingerprint(source_files)).encode()
+    ).hexdigest()[:24]
+    folder = cache_root() / "arrays" / f"{key_parts.get('name', 'data')}-{key_parts.get('split', '')}-{key}"
+    x_path, y_path = folder / "x.npy", folder / "y.npy"
+    if x_path.exists():
+        x = np.load(x_path)
+        y = np.load(y_path) if y_path.exists() else None
+        return x, y
+    x, y = build()
+    folder.mkdir(parents=True, exist_ok=True)
+    # Write-then-rename so a crash mid-write never leaves a truncated cache behind.
+    tmp_x = folder / f"x.{os.getpid()}.tmp.npy"
+    np.save(tmp_x, x)
+    if y is not None:
+        tmp_y = folder / f"y.{os.getpid()}.tmp.npy"
+        np.save(tmp_y, y)
+        os.replace(tmp_y, y_path)
+    os.replace(tmp_x, x_path)
+    return x, y
+
+
+def unpack_archive(archive: Path) -> Path:
+    """Unpack a .tar/.tar.gz dataset archive once into the cache and return the folder."""
+    st = archive.stat()
+    key = hashlib.sha256(f"{archive.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    dest = cache_root() / "unpacked" / f"{archive.name.split('.')[0]}-{key}"
+    done = dest / ".complete"
+    if done.exists():
+        return dest
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive) as tar:
+            # The "data" filter refuses absolute paths, links out of the tree and device files.
+            tar.extractall(tmp, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DatasetError(f"could not unpack {archive}: {exc}") from exc
+    (tmp / ".complete").write_text("ok\n")
+    if dest.exists():  # another process won the race
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+    return dest
+
+
+def resolve_root(root: str | Path | None, name: str) -> Path:
+    if root is None:
+        raise DatasetError(f"{name}: no data root given (set data.root / --data-root). {DATASETS.meta(name)['info'].how_to_get}")
+    path = Path(root).expanduser()
+    if path.is_file() and (path.name.endswith((".tar", ".tar.gz", ".tgz"))):
+        return unpack_archive(path)
+    if not path.exists():
+        raise DatasetError(f"{name}: data root {path} does not exist. {DATASETS.meta(name)['info'].how_to_get}")
+    return path
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def scan_class_folders(split_dir: Path, classes: Sequence[str] | None, name: str) -> tuple[list[Path], list[int], tuple[str, ...]]:
+    """ImageFolder scan: `split_dir/<class>/<file>`; classes in the given official order, else sorted.
+
+    Files are sorted by name inside each class, so the decoded array order is reproducible.
+    """
+    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    if not found:
+        raise DatasetError(f"{name}: {split_dir} has no class folders (expected {split_dir}/<class>/<image>)")
+    if classes:
+        if sorted(classes) != found:
+            missing = sorted(set(classes) - set(found))
+            extra = sorted(set(found) - set(classes))
+            raise DatasetError(
+                f"{name}: class folders in {split_dir} do not match the {len(classes)} {name} classes "
+                f"(missing: {missing[:5]}, unexpected: {extra[:5]})"
+            )
+        order = tuple(classes)
+    else:
+        order = tuple(found)
+    paths, labels = [], []
+    for label, cls in enumerate(order):
+        files = list_images(split_dir / cls)
+        paths += files
+        labels += [label] * len(files)
+    if not paths:
+        raise DatasetError(f"{name}: no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...) under {split_dir}")
+    return paths, labels, order
+
+
+def decode_folder_split(split_dir: Path, info: DatasetInfo, split: str) -> ArrayImageDataset:
+    """An ImageFolder split decoded to arrays (cached)."""
+    paths, labels, _ = scan_class_folders(split_dir, info.classes or None, info.name)
+    x, y = cached_arrays(
+        {"name": info.name, "split": split, "kind": "imagefolder", "size": info.image_size, "v": 1},
+        paths,
+        lambda: (decode_files(paths, info.image_size, info.channels), np.asarray(labels, dtype=np.int64)),
+    )
+    return ArrayImageDataset(x, y, info, split)
+
+
+def check_split(info: DatasetInfo, split: str) -> None:
+    if split not in info.splits:
+        raise DatasetError(f"{info.name}: no split {split!r}; splits: {', '.join(info.splits)}")
