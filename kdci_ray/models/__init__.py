@@ -11,6 +11,7 @@ from . import vgg as _vgg  # noqa: F401
 from . import wrn as _wrn  # noqa: F401
 from .base import Classifier, bn_layers
 from .generator import Generator
+from .io import ModelCard, WeightsError, card_path, load_classifier, read_state_dict, save_classifier
 from .registry import MODELS
 
 
@@ -30,4 +31,17 @@ def classifier_names() -> list[str]:
     return [n for n in MODELS.names() if MODELS.meta(n)["kind"] == "classifier"]
 
 
-__all__ = ["MODELS", "Classifier", "Generator", "bn_layers", "classifier_names", "create_model"]
+__all__ = [
+    "MODELS",
+    "Classifier",
+    "Generator",
+    "ModelCard",
+    "WeightsError",
+    "bn_layers",
+    "card_path",
+    "classifier_names",
+    "create_model",
+    "load_classifier",
+    "read_state_dict",
+    "save_classifier",
+]

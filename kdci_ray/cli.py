@@ -1,0 +1,93 @@
+"""`kdci-ray` command line: thin wrappers that parse arguments and call one library function each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .config import ConfigError
+from .data import DatasetError
+from .models import WeightsError
+from .registry import UnknownNameError
+
+# Errors whose message already tells the user what to fix: print it, no traceback.
+USER_ERRORS = (ConfigError, DatasetError, WeightsError, UnknownNameError, FileExistsError)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import dataset_info, load_dataset
+    from .engine import evaluate_classifier, resolve_runtime
+    from .models import load_classifier
+
+    info = dataset_info(args.dataset)  # unknown dataset: fail before loading weights
+    model, card = load_classifier(args.weights, arch=args.arch, num_classes=args.num_classes)
+    if card.num_classes != info.num_classes and args.num_classes is None:
+        raise WeightsError(
+            f"{args.weights} has {card.num_classes} classes but {args.dataset} has {info.num_classes}; "
+            "pass --num-classes to evaluate anyway"
+        )
+    dataset = load_dataset(args.dataset, args.data_root, args.split, args.download, args.limit)
+    runtime = resolve_runtime(args.device, args.precision, "auto")
+    # The card's normalisation wins: it is what the weights were trained with.
+    metrics = evaluate_classifier(model, dataset, args.batch_size, runtime, card.normalize_mean, card.normalize_std)
+    print(json.dumps({"top1": round(metrics["top1"], 4), "top5": round(metrics["top5"], 4), "n": metrics["n"],
+                      "arch": card.arch, "dataset": args.dataset, "split": args.split}))
+    return 0
+
+
+def cmd_train_teacher(args: argparse.Namespace) -> int:
+    from .config import TeacherTrainConfig, load_config
+    from .engine import train_teacher
+
+    cfg = load_config(args.config, TeacherTrainConfig, args.set)
+    result = train_teacher(cfg)
+    print(json.dumps({"weights": result["weights"], "top1": round(result["top1"], 4), "top5": round(result["top5"], 4),
+                      "seconds": round(result["seconds"], 1)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdci-ray", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result line")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("evaluate", help="top-1/top-5 of a classifier on a labelled split; prints one JSON line")
+    ev.add_argument("--arch", help="architecture (default: from the card beside the weights)")
+    ev.add_argument("--weights", required=True, help=".safetensors, or a torch checkpoint (loaded weights_only)")
+    ev.add_argument("--dataset", required=True)
+    ev.add_argument("--data-root", help="dataset folder or .tar.gz (not needed for digits)")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--limit", type=int, help="evaluate only the first N images")
+    ev.add_argument("--num-classes", type=int)
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"])
+    ev.add_argument("--download", action="store_true", help="download the dataset if missing (where possible)")
+    ev.set_defaults(func=cmd_evaluate)
+
+    tt = sub.add_parser("train-teacher", help="train a classifier on labelled data; writes weights + card")
+    tt.add_argument("--config", required=True, help="YAML config (see configs/teacher-*.yaml)")
+    tt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. optim.epochs=5")
+    tt.set_defaults(func=cmd_train_teacher)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"kdci-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Typed, validated run configs: one YAML file -> one run; `--set a.b=c` overrides; clear errors.
+
+Every section forbids unknown keys, so a typo fails loudly (with the allowed keys) before any work.
+Later stages (distillation, KDCI, Ray, Tune, tracking) add their sections here; Tune search spaces are
+overrides of these objects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .data import DATASETS
+from .models import MODELS
+
+
+class ConfigError(ValueError):
+    """An invalid config: the message names each bad field, the value given and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    dataset: str = Field(description="registered dataset name")
+    root: Path | None = Field(None, description="data folder or .tar.gz archive (not needed for digits)")
+    download: bool = False
+    limit: int | None = Field(None, ge=1, description="use only the first N images of each split (smoke runs)")
+    train_split: str = "train"
+    test_split: str | None = Field(None, description="split to evaluate on; default: 'test', else 'val'")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        if name not in DATASETS:
+            raise ValueError(DATASETS.unknown_message(name))
+        return name
+
+
+class ModelConfig(Section):
+    arch: str
+    num_classes: int | None = Field(None, ge=1, description="default: the dataset's class count")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, name: str) -> str:
+        if name not in MODELS or MODELS.meta(name)["kind"] != "classifier":
+            names = [n for n in MODELS.names() if MODELS.meta(n)["kind"] == "classifier"]
+            raise ValueError(f"no such classifier {name!r}; known classifiers: {', '.join(names)}")
+        return name
+
+
+class OptimConfig(Section):
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0, description="not applied to BatchNorm weights and biases")
+    batch_size: int = Field(256, ge=1)
+    epochs: int = Field(200, ge=1)
+    warmup_epochs: float = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+
+class AugmentConfig(Section):
+    crop_padding: int = Field(4, ge=0, description="pad-and-random-crop margin in pixels (0: off)")
+    hflip: bool = True
+
+
+class OutputConfig(Section):
+    dir: Path = Path("runs/teachers")
+    overwrite: bool = Field(False, description="replace existing weights of the same name")
+
+
+class TeacherTrainConfig(Section):
+    """`kdci-ray train-teacher`: supervised training of a classifier on labelled data."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; weights are <output.dir>/<name>.safetensors")
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    eval_every: int = Field(1, ge=1, description="evaluate on the test split every N epochs (and at the end)")
+    data: DataConfig
+    model: ModelConfig
+    optim: OptimConfig = OptimConfig()
+    augment: AugmentConfig = AugmentConfig()
+    output: OutputConfig = OutputConfig()
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'a.b=c' -> (['a', 'b'], c) with c parsed as YAML (so 3 -> int, true -> bool, [1, 2] -> list)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if not all(path):
+        raise ConfigError(f"override {item!r}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for err in exc.errors():
+        field_path = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the allowed keys in configs/ or the schema)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        given = err.get("input")
+        shown = "" if err["type"] in ("missing",) or isinstance(given, dict) else f" = {given!r}"
+        lines.append(f"  {field_path}{shown}: {msg}")
+    return "\n".join(lines)
+
+
+def validate_config(schema: type[C], raw: dict[str, Any], source: str = "<dict>") -> C:
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | Path, schema: type[C], overrides: list[str] | None = None) -> C:
+    """Read YAML `path`, apply `a.b=c` overrides and validate against `schema`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (examples are in configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return validate_config(schema, apply_overrides(raw, overrides), str(path))
+
+
+def dump_config(config: BaseModel) -> str:
+    """The config as YAML (paths as strings), e.g. to store beside outputs and in checkpoints."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,146 @@
+"""Supervised training of a classifier (a teacher, or a from-data baseline student), single process.
+
+SGD with Nesterov momentum, no weight decay on BN / biases, linear warm-up then cosine, pad-crop + flip
+on the device, bf16 autocast + channels-last on CUDA. Writes `<name>.safetensors` + card + config.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import TeacherTrainConfig, dump_config
+from ..data import DeviceBatches, Normalize, dataset_info, load_dataset, random_crop_flip
+from ..models import ModelCard, create_model, save_classifier
+from .evaluate import evaluate
+from .runtime import resolve_runtime, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, optim, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, optim.weight_decay)
+    fused = device.type == "cuda"
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov and optim.momentum > 0, fused=fused)
+    return torch.optim.AdamW(groups, lr=optim.lr, fused=fused)
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _test_split(cfg: TeacherTrainConfig) -> str:
+    if cfg.data.test_split:
+        return cfg.data.test_split
+    return "test" if "test" in dataset_info(cfg.data.dataset).splits else "val"
+
+
+def train_teacher(cfg: TeacherTrainConfig) -> dict:
+    """Train, evaluate and save; returns {'weights', 'card', 'top1', 'top5', 'seconds', 'history'}."""
+    out_dir = Path(cfg.output.dir)
+    weights_path = out_dir / f"{cfg.name}.safetensors"
+    # Fail before any work rather than after hours of training.
+    if weights_path.exists() and not cfg.output.overwrite:
+        raise FileExistsError(f"{weights_path} exists: choose another name, or set output.overwrite=true to replace it")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    seed_everything(cfg.seed)
+    runtime = resolve_runtime(cfg.device, cfg.precision, cfg.channels_last)
+    info = dataset_info(cfg.data.dataset)
+    train_set = load_dataset(cfg.data.dataset, cfg.data.root, cfg.data.train_split, cfg.data.download, cfg.data.limit)
+    test_set = load_dataset(cfg.data.dataset, cfg.data.root, _test_split(cfg), cfg.data.download, cfg.data.limit)
+    num_classes = cfg.model.num_classes or info.num_classes
+    model = runtime.prepare(create_model(cfg.model.arch, num_classes=num_classes, in_channels=info.channels))
+
+    train_batches = DeviceBatches(train_set, cfg.optim.batch_size, runtime.device, shuffle=True, drop_last=len(train_set) >= 2 * cfg.optim.batch_size, seed=cfg.seed)
+    test_batches = DeviceBatches(test_set, 512, runtime.device)
+    normalize = Normalize(info.mean, info.std).to(runtime.device)
+    optimizer = make_optimizer(model, cfg.optim, runtime.device)
+    steps_per_epoch = len(train_batches)
+    total = steps_per_epoch * cfg.optim.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total, round(cfg.optim.warmup_epochs * steps_per_epoch), cfg.optim.schedule)
+    )
+    aug_gen = torch.Generator(device=runtime.device).manual_seed(cfg.seed + 1)
+    log.info(
+        "train-teacher %s: %s on %s (%d train / %d test), %d epochs x %d steps, %s",
+        cfg.name, cfg.model.arch, cfg.data.dataset, len(train_set), len(test_set), cfg.optim.epochs, steps_per_epoch, runtime.describe(),
+    )
+
+    history, metrics = [], {"top1": float("nan"), "top5": float("nan")}
+    start = time.perf_counter()
+    for epoch in range(1, cfg.optim.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=runtime.device)
+        correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
+        seen = 0
+        for images, labels in train_batches:
+            images = random_crop_flip(images, cfg.augment.crop_padding, cfg.augment.hflip, aug_gen)
+            x = normalize(images)
+            if runtime.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with runtime.autocast():
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            # Accumulate on the device: no host sync inside the epoch.
+            loss_sum += loss.detach() * labels.shape[0]
+            correct += (logits.detach().argmax(1) == labels).sum()
+            seen += labels.shape[0]
+        row = {"epoch": epoch, "train_loss": loss_sum.item() / seen, "train_top1": 100.0 * correct.item() / seen}
+        if epoch % cfg.eval_every == 0 or epoch == cfg.optim.epochs:
+            metrics = evaluate(model, test_batches, normalize, runtime)
+            row.update(test_top1=metrics["top1"], test_top5=metrics["top5"])
+        elapsed = time.perf_counter() - t0
+        row["images_per_s"] = seen / elapsed
+        history.append(row)
+        if not math.isfinite(row["train_loss"]):
+            raise FloatingPointError(f"train-teacher {cfg.name}: loss became {row['train_loss']} at epoch {epoch}; lower optim.lr")
+        log.info(
+            "epoch %d/%d loss %.4f train %.2f%%%s  %.0f img/s",
+            epoch, cfg.optim.epochs, row["train_loss"], row["train_top1"],
+            f" test {row['test_top1']:.2f}%" if "test_top1" in row else "", row["images_per_s"],
+        )
+    seconds = time.perf_counter() - start
+
+    card = ModelCard(
+        arch=cfg.model.arch,
+        num_classes=num_classes,
+        dataset=cfg.data.dataset,
+        normalize_mean=list(info.mean),
+        normalize_std=list(info.std),
+        accuracy=round(metrics["top1"], 2),
+        in_channels=info.channels,
+        extra={"top5": round(metrics["top5"], 2), "epochs": cfg.optim.epochs, "seed": cfg.seed,
+               "train_seconds": round(seconds, 1), "device": str(runtime.device), "torch": torch.__version__},
+    )
+    save_classifier(model.to(memory_format=torch.contiguous_format), weights_path, card, overwrite=cfg.output.overwrite)
+    (out_dir / f"{cfg.name}.yaml").write_text(dump_config(cfg))
+    log.info("wrote %s (test top-1 %.2f%%) in %.1f s", weights_path, metrics["top1"], seconds)
+    return {"weights": str(weights_path), "card": card, "top1": metrics["top1"], "top5": metrics["top5"], "seconds": seconds, "history": history}
