@@ -119,7 +119,7 @@ def decode_image(path: str | Path, size: int, channels: int = 3, resize: int | N
             im = im.resize((max(resize, round(w * scale)), max(resize, round(h * scale))), Image.BILINEAR)
             left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
             im = im.crop((left, top, left + size, top + size))
-        arr = np.asarray(im, dtype=np.uint8)
+        arr = np.array(im, dtype=np.uint8)  # a writable copy (torch refuses read-only arrays)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 

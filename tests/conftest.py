@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+# Before anything imports ray / mlflow: no usage reporting, no telemetry from tests.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import faiss  # noqa: E402,F401  (faiss before torch: the other order can crash on some builds)
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """Decoded arrays and unpacked archives go to a per-session folder, never the user's cache."""
+    if "KDCI_RAY_TEST_CACHE" in os.environ:  # reuse between local runs when asked
+        os.environ["KDCI_RAY_CACHE"] = os.environ["KDCI_RAY_TEST_CACHE"]
+    else:
+        os.environ["KDCI_RAY_CACHE"] = str(tmp_path_factory.mktemp("kdci_cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared beside the checkout (or $KDCI_RAY_SHARED). Required in CI; skipped elsewhere if absent."""
+    path = Path(os.environ.get("KDCI_RAY_SHARED", REPO.parent / "shared"))
+    if not (path / "data").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"shared data folder {path} is missing in CI")
+        pytest.skip(f"shared data folder {path} not found")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar10_archive(shared_dir) -> Path:
+    return shared_dir / "data" / "cifar10-jpeg.tar.gz"

@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+
+from kdci_ray.config import ConfigError, TeacherTrainConfig, apply_overrides, dump_config, load_config, validate_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("teacher-*.yaml")), ids=lambda p: p.name)
+def test_committed_teacher_configs_validate(path):
+    cfg = load_config(path, TeacherTrainConfig)
+    again = validate_config(TeacherTrainConfig, __import__("yaml").safe_load(dump_config(cfg)))
+    assert again == cfg
+
+
+def test_overrides_are_typed():
+    cfg = load_config(CONFIGS / "teacher-digits.yaml", TeacherTrainConfig,
+                      ["optim.epochs=3", "optim.lr=0.5", "augment.hflip=true", "data.limit=100", "name=other"])
+    assert cfg.optim.epochs == 3 and cfg.optim.lr == 0.5 and cfg.augment.hflip is True
+    assert cfg.data.limit == 100 and cfg.name == "other"
+    raw = apply_overrides({}, ["a.b.c=[1, 2]"])
+    assert raw == {"a": {"b": {"c": [1, 2]}}}
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("optim.lr=-0.1", "optim.lr = -0.1: Input should be greater than 0"),
+        ("optim.schedule=step", "optim.schedule = 'step': Input should be 'cosine' or 'constant'"),
+        ("model.arch=resnet35", "no such classifier 'resnet35'; known classifiers: digits_cnn"),
+        ("data.dataset=cifar11", "did you mean 'cifar10'"),
+        ("optim.epoch=3", "optim.epoch = 3: unknown key"),
+        ("optim.batch_size=many", "optim.batch_size = 'many': Input should be a valid integer"),
+        ("device=tpu", "device = 'tpu': String should match pattern"),
+        ("name=has space", "name = 'has space'"),
+    ],
+)
+def test_invalid_values_name_field_value_and_allowed(override, expected):
+    with pytest.raises(ConfigError) as exc:
+        load_config(CONFIGS / "teacher-digits.yaml", TeacherTrainConfig, [override])
+    assert expected in str(exc.value)
+
+
+def test_structural_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.yaml", TeacherTrainConfig)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad, TeacherTrainConfig)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(bad, TeacherTrainConfig)
+    bad.write_text("name: x\n")
+    with pytest.raises(ConfigError, match="data: required field is missing"):
+        load_config(bad, TeacherTrainConfig)
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(CONFIGS / "teacher-digits.yaml", TeacherTrainConfig, ["optim.lr"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(CONFIGS / "teacher-digits.yaml", TeacherTrainConfig, ["name.x=1"])
