@@ -12,8 +12,8 @@ from .data import DatasetError
 from .models import WeightsError
 from .registry import UnknownNameError
 
-# Errors whose message already tells the user what to fix: print it, no traceback.
-USER_ERRORS = (ConfigError, DatasetError, WeightsError, UnknownNameError, FileExistsError)
+# Errors whose message already tells the user what to fix: print it, no traceback (unless --debug).
+USER_ERRORS = (ConfigError, DatasetError, WeightsError, UnknownNameError, FileExistsError, ValueError)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -28,12 +28,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"{args.weights} has {card.num_classes} classes but {args.dataset} has {info.num_classes}; "
             "pass --num-classes to evaluate anyway"
         )
-    dataset = load_dataset(args.dataset, args.data_root, args.split, args.download, args.limit)
+    split = args.split or info.eval_split
+    dataset = load_dataset(args.dataset, args.data_root, split, args.download, args.limit)
     runtime = resolve_runtime(args.device, args.precision, "auto")
     # The card's normalisation wins: it is what the weights were trained with.
     metrics = evaluate_classifier(model, dataset, args.batch_size, runtime, card.normalize_mean, card.normalize_std)
     print(json.dumps({"top1": round(metrics["top1"], 4), "top5": round(metrics["top5"], 4), "n": metrics["n"],
-                      "arch": card.arch, "dataset": args.dataset, "split": args.split}))
+                      "arch": card.arch, "dataset": args.dataset, "split": split}))
     return 0
 
 
@@ -51,6 +52,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdci-ray", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result line")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("evaluate", help="top-1/top-5 of a classifier on a labelled split; prints one JSON line")
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--weights", required=True, help=".safetensors, or a torch checkpoint (loaded weights_only)")
     ev.add_argument("--dataset", required=True)
     ev.add_argument("--data-root", help="dataset folder or .tar.gz (not needed for digits)")
-    ev.add_argument("--split", default="test")
+    ev.add_argument("--split", help="labelled split (default: the dataset's evaluation split, e.g. test)")
     ev.add_argument("--limit", type=int, help="evaluate only the first N images")
     ev.add_argument("--num-classes", type=int)
     ev.add_argument("--batch-size", type=int, default=256)
@@ -85,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as exc:
+        if args.debug:
+            raise
         print(f"kdci-ray {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -8,10 +8,10 @@ overrides of these objects.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator
 
 from .data import DATASETS
 from .models import MODELS
@@ -21,17 +21,28 @@ class ConfigError(ValueError):
     """An invalid config: the message names each bad field, the value given and what is allowed."""
 
 
+def _number_to_str(value: Any) -> Any:
+    # Overrides are parsed as YAML, so `--set name=2024` arrives as an int; a name is still meant.
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+#: A string field that also takes a YAML number as its text.
+Text = Annotated[str, BeforeValidator(_number_to_str)]
+#: An int field that refuses booleans and floats (`epochs: true` is a mistake, not 1).
+Int = Annotated[int, Strict()]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DataConfig(Section):
-    dataset: str = Field(description="registered dataset name")
+    dataset: Text = Field(description="registered dataset name")
     root: Path | None = Field(None, description="data folder or .tar.gz archive (not needed for digits)")
     download: bool = False
-    limit: int | None = Field(None, ge=1, description="use only the first N images of each split (smoke runs)")
-    train_split: str = "train"
-    test_split: str | None = Field(None, description="split to evaluate on; default: 'test', else 'val'")
+    limit: Int | None = Field(None, ge=1, description="use only the first N images of each split (smoke runs)")
+    train_split: Text = "train"
+    test_split: Text | None = Field(None, description="labelled split to evaluate on; default: the dataset's eval split")
 
     @field_validator("dataset")
     @classmethod
@@ -42,8 +53,8 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    arch: str
-    num_classes: int | None = Field(None, ge=1, description="default: the dataset's class count")
+    arch: Text
+    num_classes: Int | None = Field(None, ge=1, description="default: the dataset's class count")
 
     @field_validator("arch")
     @classmethod
@@ -60,14 +71,14 @@ class OptimConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0, description="not applied to BatchNorm weights and biases")
-    batch_size: int = Field(256, ge=1)
-    epochs: int = Field(200, ge=1)
+    batch_size: Int = Field(256, ge=1)
+    epochs: Int = Field(200, ge=1)
     warmup_epochs: float = Field(0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
 
 
 class AugmentConfig(Section):
-    crop_padding: int = Field(4, ge=0, description="pad-and-random-crop margin in pixels (0: off)")
+    crop_padding: Int = Field(4, ge=0, description="pad-and-random-crop margin in pixels (0: off)")
     hflip: bool = True
 
 
@@ -79,12 +90,12 @@ class OutputConfig(Section):
 class TeacherTrainConfig(Section):
     """`kdci-ray train-teacher`: supervised training of a classifier on labelled data."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; weights are <output.dir>/<name>.safetensors")
-    seed: int = 0
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    name: Text = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; weights are <output.dir>/<name>.safetensors")
+    seed: Int = 0
+    device: Text = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
-    eval_every: int = Field(1, ge=1, description="evaluate on the test split every N epochs (and at the end)")
+    eval_every: Int = Field(1, ge=1, description="evaluate on the test split every N epochs (and at the end)")
     data: DataConfig
     model: ModelConfig
     optim: OptimConfig = OptimConfig()

@@ -51,6 +51,14 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     assert res.returncode == 2 and "does not exist" in res.stderr
     res = run_cli("evaluate", "--weights", "x", "--dataset", "mnist")
     assert res.returncode == 2 and "known datasets" in res.stderr
+    weights = tmp_path / "t.safetensors"
+    from kdci_ray.models import ModelCard, create_model, save_classifier
+
+    save_classifier(create_model("digits_cnn_small", num_classes=10), weights, ModelCard("digits_cnn_small", 10, in_channels=1))
+    res = run_cli("evaluate", "--weights", str(weights), "--dataset", "digits", "--limit", "0")
+    assert res.returncode == 2 and "limit must be >= 1" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("--debug", "evaluate", "--weights", str(weights), "--dataset", "digits", "--limit", "0")
+    assert res.returncode != 0 and "Traceback" in res.stderr
 
 
 @pytest.mark.slow
@@ -61,10 +69,27 @@ def test_evaluate_reference_teachers(arch, top1, shared_dir, tmp_path_factory):
     if not (root / "cifar10-jpeg").is_dir():
         import tarfile
 
+        from kdci_ray.data.base import safe_extract
+
         with tarfile.open(shared_dir / "data" / "cifar10-jpeg.tar.gz") as tar:
-            tar.extractall(root, filter="data")
+            safe_extract(tar, root)
     res = run_cli("-q", "evaluate", "--arch", arch, "--weights", str(shared_dir / "teachers" / f"cifar10_{arch}.safetensors"),
                   "--dataset", "cifar10", "--data-root", str(root / "cifar10-jpeg"))
     assert res.returncode == 0, res.stderr
     line = json.loads(res.stdout)
     assert line["n"] == 10000 and abs(line["top1"] - top1) <= 0.1
+
+
+def test_teacher_on_tiny_imagenet_is_scored_on_labelled_val(tmp_path):
+    """Tiny-ImageNet's official test split has no labels: training must evaluate on val instead."""
+    from test_data import make_tiny_imagenet
+
+    make_tiny_imagenet(tmp_path / "data")
+    res = run_cli("train-teacher", "--config", "configs/teacher-digits.yaml", "--set", "data.dataset=tiny-imagenet",
+                  "--set", f"data.root={tmp_path / 'data'}", "--set", "model.arch=wrn16_1", "--set", "optim.epochs=1",
+                  "--set", f"output.dir={tmp_path / 'out'}", "--set", "name=tiny")
+    assert res.returncode == 0, res.stderr
+    assert "(201 train / 3 test)" in res.stderr
+    res = run_cli("evaluate", "--weights", str(tmp_path / "out" / "tiny.safetensors"), "--dataset", "tiny-imagenet",
+                  "--data-root", str(tmp_path / "data"), "--split", "test")
+    assert res.returncode == 2 and "no labels to evaluate against" in res.stderr and "'val'" in res.stderr

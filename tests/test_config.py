@@ -19,6 +19,9 @@ def test_overrides_are_typed():
                       ["optim.epochs=3", "optim.lr=0.5", "augment.hflip=true", "data.limit=100", "name=other"])
     assert cfg.optim.epochs == 3 and cfg.optim.lr == 0.5 and cfg.augment.hflip is True
     assert cfg.data.limit == 100 and cfg.name == "other"
+    # YAML turns these into numbers; the fields are text, so they stay text
+    cfg = load_config(CONFIGS / "teacher-digits.yaml", TeacherTrainConfig, ["name=2024", "data.train_split=2017"])
+    assert cfg.name == "2024" and cfg.data.train_split == "2017"
     raw = apply_overrides({}, ["a.b.c=[1, 2]"])
     assert raw == {"a": {"b": {"c": [1, 2]}}}
 
@@ -34,6 +37,8 @@ def test_overrides_are_typed():
         ("optim.batch_size=many", "optim.batch_size = 'many': Input should be a valid integer"),
         ("device=tpu", "device = 'tpu': String should match pattern"),
         ("name=has space", "name = 'has space'"),
+        ("optim.epochs=true", "optim.epochs = True: Input should be a valid integer"),
+        ("optim.epochs=2.5", "optim.epochs = 2.5: Input should be a valid integer"),
     ],
 )
 def test_invalid_values_name_field_value_and_allowed(override, expected):

@@ -1,5 +1,7 @@
 import hashlib
 import pickle
+import struct
+import tarfile
 import time
 from pathlib import Path
 
@@ -54,6 +56,29 @@ def make_cifar10_pickle_tree(root: Path, per_batch: int = 6) -> dict[str, np.nda
     return images
 
 
+def _py2_str(b: bytes) -> bytes:
+    """A Python 2 `str` as cPickle protocol 2 writes it (SHORT_BINSTRING / BINSTRING)."""
+    return (b"U" + bytes([len(b)]) + b) if len(b) < 256 else (b"T" + struct.pack("<i", len(b)) + b)
+
+
+def _py2_int(n: int) -> bytes:
+    return b"K" + bytes([n]) if n < 256 else (b"M" + struct.pack("<H", n) if n < 65536 else b"J" + struct.pack("<i", n))
+
+
+def py2_cifar_batch(data: np.ndarray, labels, label_key: bytes = b"labels") -> bytes:
+    """The opcode stream of an official CIFAR batch file (Python 2 cPickle, numpy.core globals, str payloads)."""
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + _py2_int(0) + b"\x85" + _py2_str(b"b") + b"\x87R"
+        + b"(" + _py2_int(1) + _py2_int(data.shape[0]) + _py2_int(3072) + b"\x86"
+        + b"cnumpy\ndtype\n" + _py2_str(b"u1") + _py2_int(0) + _py2_int(1) + b"\x87R"
+        + b"(" + _py2_int(3) + _py2_str(b"|") + b"NNN" + b"J\xff\xff\xff\xffJ\xff\xff\xff\xff" + _py2_int(0) + b"tb"
+        + b"\x89" + _py2_str(data.tobytes()) + b"tb"
+    )
+    label_list = b"](" + b"".join(_py2_int(int(v)) for v in labels) + b"e"
+    return (b"\x80\x02}(" + _py2_str(b"data") + array + _py2_str(label_key) + label_list
+            + _py2_str(b"batch_label") + _py2_str(b"training batch 1 of 5") + b"u.")
+
+
 def write_png(path: Path, rgb: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(path)
@@ -70,6 +95,34 @@ def test_cifar10_pickle_layout(tmp_path):
     assert np.array_equal(train.images[7], row.reshape(3, 32, 32).transpose(1, 2, 0))
     img, label = train[7]
     assert img.dtype == torch.uint8 and img.shape == (3, 32, 32) and 0 <= label < 10
+
+
+def test_cifar10_official_python2_pickles(tmp_path):
+    """Files as the official archive has them (written by Python 2), not only as Python 3 writes them."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data, labels = rng.integers(0, 256, (4, 3072), dtype=np.uint8), rng.integers(0, 10, 4)
+        (folder / name).write_bytes(py2_cifar_batch(data, labels))
+        batches[name] = (data, labels)
+    test = load_dataset("cifar10", tmp_path, "test")
+    data, labels = batches["test_batch"]
+    assert np.array_equal(test.images, data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    assert list(test.labels) == list(labels)
+
+
+def test_download_only_when_no_copy_is_there(tmp_path, monkeypatch):
+    from kdci_ray.data import cifar
+
+    calls = []
+    monkeypatch.setattr(cifar, "_download", lambda root, info: calls.append(root))
+    write_png(tmp_path / "cifar10-jpeg" / "test" / "cat" / "0.png", np.zeros((32, 32, 3), np.uint8))
+    for cls in CIFAR10_CLASSES:
+        (tmp_path / "cifar10-jpeg" / "test" / cls).mkdir(parents=True, exist_ok=True)
+    assert len(load_dataset("cifar10", tmp_path, "test", download=True)) == 1
+    assert calls == []  # the ImageFolder copy the user pointed at is used, nothing is fetched
 
 
 def test_cifar100_pickle_layout(tmp_path):
@@ -190,13 +243,59 @@ def test_tiny_imagenet_layout(tmp_path):
     assert test[0][1] == -1
 
 
+def test_tiny_imagenet_labels_follow_annotation_edits(tmp_path):
+    make_tiny_imagenet(tmp_path)
+    assert list(load_dataset("tiny-imagenet", tmp_path, "val").labels) == [5, 0, 199]
+    ann = tmp_path / "tiny-imagenet-200" / "val" / "val_annotations.txt"
+    ann.write_text(ann.read_text().replace("n00001005", "n00001007"))
+    assert list(load_dataset("tiny-imagenet", tmp_path, "val").labels) == [7, 0, 199]  # not the stale cache
+
+
 def test_tiny_imagenet_missing_parts(tmp_path):
     with pytest.raises(DatasetError, match="wnids.txt"):
         load_dataset("tiny-imagenet", tmp_path, "train")
     make_tiny_imagenet(tmp_path)
-    (tmp_path / "tiny-imagenet-200" / "val" / "val_annotations.txt").unlink()
+    missing = tmp_path / "tiny-imagenet-200" / "val" / "images" / "val_1.JPEG"
+    missing.unlink()  # listed in val_annotations.txt, gone from disk
+    with pytest.raises(DatasetError, match="val_1.JPEG is listed by the dataset but missing"):
+        load_dataset("tiny-imagenet", tmp_path, "val")
+    ann = tmp_path / "tiny-imagenet-200" / "val" / "val_annotations.txt"
+    ann.write_text("val_0.JPEG n00001005\n")  # spaces, not tabs
+    with pytest.raises(DatasetError, match=r"val_annotations.txt:1 is not"):
+        load_dataset("tiny-imagenet", tmp_path, "val")
+    ann.unlink()
     with pytest.raises(DatasetError, match="val_annotations.txt"):
         load_dataset("tiny-imagenet", tmp_path, "val")
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    write_png(tmp_path / "train" / "n01" / "a.png", np.zeros((40, 40, 3), np.uint8))
+    (tmp_path / "train" / "n01" / "b.png").write_bytes(b"not an image")
+    ds = load_dataset("imagenet", tmp_path, "train")
+    with pytest.raises(DatasetError, match="cannot read image .*b.png"):
+        ds[1]
+
+
+@pytest.mark.parametrize("builtin_filter", [True, False], ids=["tarfile-data-filter", "manual-check"])
+def test_archive_roots_are_unpacked_safely(tmp_path, monkeypatch, builtin_filter):
+    if not builtin_filter:  # Python < 3.10.12 has no tarfile.data_filter: our own checks must hold
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    good = tmp_path / "digits.tar.gz"
+    src = tmp_path / "src" / "cifar10-jpeg" / "test"
+    for cls in CIFAR10_CLASSES:
+        write_png(src / cls / "0.png", np.full((32, 32, 3), 7, np.uint8))
+    with tarfile.open(good, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar10-jpeg", arcname="cifar10-jpeg")
+    assert len(load_dataset("cifar10", good, "test")) == 10
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tar:
+        info = tarfile.TarInfo("../escaped.txt")
+        info.size = 3
+        tar.addfile(info, __import__("io").BytesIO(b"bad"))
+    with pytest.raises(DatasetError, match="could not unpack"):
+        load_dataset("cifar10", evil, "test")
+    assert not (tmp_path / "escaped.txt").exists()
+    assert not any(p.name.count(".tmp") for p in (data_base.cache_root() / "unpacked").iterdir())
 
 
 def test_imagenet_imagefolder_streams_files(tmp_path):
@@ -249,8 +348,9 @@ def test_device_batches_cover_dataset_and_shuffle_reproducibly():
     ds = load_dataset("digits", split="test")
     seen = torch.cat([y for _, y in DeviceBatches(ds, 64, shuffle=True, seed=1)])
     assert sorted(seen.tolist()) == sorted(ds.labels.tolist())
-    first = [next(iter(DeviceBatches(ds, 64, shuffle=True, seed=1)))[1] for _ in range(2)]
-    assert torch.equal(first[0], first[1])
+    first = [next(iter(DeviceBatches(ds, 64, shuffle=True, seed=s)))[1] for s in (1, 1, 2)]
+    assert torch.equal(first[0], first[1]) and not torch.equal(first[0], first[2])
+    assert not torch.equal(first[0], torch.as_tensor(ds.labels[:64]))  # shuffled, not file order
     assert len(DeviceBatches(ds, 64, drop_last=True)) == 450 // 64
 
 

@@ -71,6 +71,18 @@ def test_wrong_class_count_is_one_clear_error(tmp_path):
         load_classifier(path, arch="wrn16_1", num_classes=100)
 
 
+def test_wrong_input_channels_hint(tmp_path):
+    torch.manual_seed(0)
+    gray = create_model("wrn16_1", num_classes=10, in_channels=1)
+    path = save_classifier(gray, tmp_path / "g.safetensors", ModelCard("wrn16_1", 10, in_channels=1))
+    card_path(path).unlink()
+    with pytest.raises(WeightsError) as exc:
+        load_classifier(path, arch="wrn16_1", num_classes=10)
+    assert "1 input channels (wrong in_channels?)" in str(exc.value) and "num_classes?" not in str(exc.value)
+    model, card = load_classifier(path, arch="wrn16_1", num_classes=10, in_channels=1)
+    assert card.in_channels == 1
+
+
 def test_card_disagreeing_with_arguments(tmp_path):
     path = save_classifier(_model(), tmp_path / "w.safetensors", ModelCard("wrn16_1", 10))
     with pytest.raises(WeightsError, match="arch mismatch.*'wrn40_2'.*'wrn16_1'"):
@@ -96,6 +108,12 @@ def test_missing_bad_and_cardless_files(tmp_path):
         load_classifier(path)
     card_path(path).write_text(json.dumps({"arch": "wrn16_1"}))
     with pytest.raises(WeightsError, match="num_classes"):
+        load_classifier(path)
+    card_path(path).write_text(json.dumps([1, 2]))
+    with pytest.raises(WeightsError, match="must be a JSON object"):
+        load_classifier(path)
+    card_path(path).write_text(json.dumps({"arch": "wrn16_1", "num_classes": "10"}))
+    with pytest.raises(WeightsError, match="'num_classes' must be a int, got '10'"):
         load_classifier(path)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     splits: tuple[str, ...]
+    eval_split: str = "test"  # the labelled split accuracy is reported on
     classes: tuple[str, ...] = ()
     how_to_get: str = ""
     extra: dict = field(default_factory=dict)
@@ -110,7 +112,11 @@ class FileImageDataset(ImageDataset):
 
 def decode_image(path: str | Path, size: int, channels: int = 3, resize: int | None = None) -> np.ndarray:
     """Decode one file to uint8 HWC; images of another size are resized (shorter side) and center-cropped."""
-    with Image.open(path) as im:
+    try:
+        im = Image.open(path)
+    except (OSError, ValueError) as exc:  # missing, truncated or not an image
+        raise DatasetError(f"cannot read image {path}: {exc}") from exc
+    with im:
         im = im.convert("RGB" if channels == 3 else "L")
         if im.size != (size, size):
             resize = resize or size
@@ -143,7 +149,10 @@ def cache_root() -> Path:
 def _file_fingerprint(paths: Sequence[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
-        st = p.stat()
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise DatasetError(f"{p} is listed by the dataset but missing: the copy is incomplete; fetch it again") from None
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:24]
 
@@ -189,18 +198,35 @@ def unpack_archive(archive: Path) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         with tarfile.open(archive) as tar:
-            # The "data" filter refuses absolute paths, links out of the tree and device files.
-            tar.extractall(tmp, filter="data")
+            safe_extract(tar, tmp)
+        (tmp / ".complete").write_text("ok\n")
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not done.exists():  # not another process winning the race: a real failure
+                raise
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DatasetError(f"could not unpack {archive}: {exc}") from exc
-    (tmp / ".complete").write_text("ok\n")
-    if dest.exists():  # another process won the race
-        import shutil
-
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
     return dest
+
+
+def safe_extract(tar: tarfile.TarFile, dest: Path) -> None:
+    """Extract refusing absolute paths, paths or links leaving `dest`, and device files."""
+    if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4
+        tar.extractall(dest, filter="data")
+        return
+    root = dest.resolve()
+    for member in tar.getmembers():
+        target = (root / member.name).resolve()
+        if not target.is_relative_to(root) or not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+            raise tarfile.TarError(f"unsafe member {member.name!r}")
+        if member.issym() or member.islnk():
+            link = (target.parent / member.linkname) if member.issym() else (root / member.linkname)
+            if not link.resolve().is_relative_to(root):
+                raise tarfile.TarError(f"link {member.name!r} points outside the archive")
+    tar.extractall(dest)
 
 
 def resolve_root(root: str | Path | None, name: str) -> Path:

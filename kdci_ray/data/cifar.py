@@ -120,13 +120,14 @@ def load_cifar(info: DatasetInfo, root, split: str, download: bool) -> ArrayImag
         Path(root).mkdir(parents=True)
     base = resolve_root(root, info.name)
     pickle_dir = base if base.name == info.extra["pickle_dir"] else base / info.extra["pickle_dir"]
-    if not pickle_dir.is_dir() and download:
-        _download(base, info)
     if pickle_dir.is_dir():
         return _load_pickle_split(pickle_dir, info, split)
     for candidate in (base, base / info.extra["jpeg_dir"]):
         if (candidate / split).is_dir():
             return decode_folder_split(candidate / split, info, split)
+    if download:  # only when no copy of either layout is there
+        _download(base, info)
+        return _load_pickle_split(pickle_dir, info, split)
     raise DatasetError(
         f"{info.name}: no {split} split under {base}: looked for {pickle_dir} (official python pickle), "
         f"{base / split}/<class>/ and {base / info.extra['jpeg_dir'] / split}/<class>/ (ImageFolder). {info.how_to_get}"

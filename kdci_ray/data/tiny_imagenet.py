@@ -28,6 +28,7 @@ TINY_IMAGENET = DatasetInfo(
     mean=(0.4802, 0.4481, 0.3975),
     std=(0.2770, 0.2691, 0.2821),
     splits=("train", "val", "test"),
+    eval_split="val",  # the official test split has no labels
     how_to_get=(
         "Download tiny-imagenet-200.zip from the Stanford CS231n site and unzip it into the root, or point the "
         "root at ../shared/data/tiny-imagenet-200-subset.tar.gz (the archive or its unpacked folder)."
@@ -42,6 +43,7 @@ IMAGENET = DatasetInfo(
     mean=(0.485, 0.456, 0.406),
     std=(0.229, 0.224, 0.225),
     splits=("train", "val"),
+    eval_split="val",
     how_to_get=(
         "ImageNet cannot be downloaded automatically (license): get ILSVRC2012 from image-net.org and arrange "
         "root/{train,val}/<wnid>/*.JPEG (e.g. with the usual valprep.sh)."
@@ -80,8 +82,14 @@ def _tiny_samples(root: Path, split: str) -> tuple[list[Path], list[int]]:
         ann = root / "val" / "val_annotations.txt"
         if not ann.is_file():
             raise DatasetError(f"tiny-imagenet: missing {ann}. {TINY_IMAGENET.how_to_get}")
-        rows = sorted(line.split("\t")[:2] for line in ann.read_text().splitlines() if line.strip())
-        for fname, wnid in rows:
+        rows = []
+        for lineno, line in enumerate(ann.read_text().splitlines(), start=1):
+            fields = line.split("\t")
+            if line.strip() and len(fields) < 2:
+                raise DatasetError(f"tiny-imagenet: {ann}:{lineno} is not '<file>\\t<wnid>\\t...': {line[:80]!r}")
+            if line.strip():
+                rows.append(fields[:2])
+        for fname, wnid in sorted(rows):
             if wnid not in index:
                 raise DatasetError(f"tiny-imagenet: {ann} names unknown class {wnid!r} for {fname}")
             paths.append(root / "val" / "images" / fname)
@@ -92,9 +100,8 @@ def _tiny_samples(root: Path, split: str) -> tuple[list[Path], list[int]]:
             raise DatasetError(f"tiny-imagenet: missing {folder}. {TINY_IMAGENET.how_to_get}")
         paths = list_images(folder)
         labels = [-1] * len(paths)
-    missing = [p for p in paths[:1] + paths[-1:] if not p.is_file()]
-    if not paths or missing:
-        raise DatasetError(f"tiny-imagenet: no images for split {split!r} under {root} (missing e.g. {missing[:1]})")
+    if not paths:
+        raise DatasetError(f"tiny-imagenet: no images for split {split!r} under {root}")
     return paths, labels
 
 
@@ -105,9 +112,11 @@ def tiny_imagenet(root, split: str = "train", download: bool = False) -> ArrayIm
         raise DatasetError(f"tiny-imagenet: automatic download is not supported. {TINY_IMAGENET.how_to_get}")
     base = _tiny_root(resolve_root(root, "tiny-imagenet"))
     paths, labels = _tiny_samples(base, split)
+    # Labels come from wnids.txt / val_annotations.txt: they belong to the cache key too.
+    label_files = [f for f in (base / "wnids.txt", base / "val" / "val_annotations.txt") if f.is_file()]
     x, y = cached_arrays(
         {"name": "tiny-imagenet", "split": split, "v": 1},
-        paths,
+        paths + label_files,
         lambda: (decode_files(paths, 64, 3), np.asarray(labels, dtype=np.int64)),
     )
     return ArrayImageDataset(x, None if split == "test" else y, TINY_IMAGENET, split)

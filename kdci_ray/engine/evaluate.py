@@ -36,6 +36,15 @@ def evaluate(model: nn.Module, batches, normalize: Normalize, runtime: Runtime) 
     return {"top1": 100.0 * correct1.item() / n, "top5": 100.0 * correct5.item() / n, "n": n}
 
 
+def check_labeled(dataset: ImageDataset) -> None:
+    """Scoring against the -1 labels of an unlabelled split would silently report 0 %."""
+    if not dataset.labeled:
+        raise ValueError(
+            f"{dataset.info.name}/{dataset.split} has no labels to evaluate against; "
+            f"use a labelled split (e.g. {dataset.info.eval_split!r})"
+        )
+
+
 def evaluate_classifier(
     model: nn.Module,
     dataset: ImageDataset,
@@ -45,8 +54,7 @@ def evaluate_classifier(
     std=None,
 ) -> dict[str, float]:
     """Evaluate on a labelled dataset with its own (or the given) normalisation constants."""
-    if not dataset.labeled:
-        raise ValueError(f"{dataset.info.name}/{dataset.split} has no labels to evaluate against")
+    check_labeled(dataset)
     runtime = runtime or resolve_runtime()
     model = runtime.prepare(model)
     normalize = Normalize(mean or dataset.info.mean, std or dataset.info.std).to(runtime.device)

@@ -38,7 +38,7 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", channels_last
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for but CUDA is not available here; use device: auto or cpu")
+        raise ValueError(f"device {device!r} asked for but CUDA is not available here; use device: auto or cpu")
     if precision == "auto":
         precision = "bf16" if dev.type == "cuda" else "fp32"
     if precision not in _DTYPES:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..config import TeacherTrainConfig, dump_config
 from ..data import DeviceBatches, Normalize, dataset_info, load_dataset, random_crop_flip
 from ..models import ModelCard, create_model, save_classifier
-from .evaluate import evaluate
+from .evaluate import check_labeled, evaluate
 from .runtime import resolve_runtime, seed_everything
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,6 @@ def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
     return factor
 
 
-def _test_split(cfg: TeacherTrainConfig) -> str:
-    if cfg.data.test_split:
-        return cfg.data.test_split
-    return "test" if "test" in dataset_info(cfg.data.dataset).splits else "val"
 
 
 def train_teacher(cfg: TeacherTrainConfig) -> dict:
@@ -69,9 +65,15 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
     seed_everything(cfg.seed)
     runtime = resolve_runtime(cfg.device, cfg.precision, cfg.channels_last)
     info = dataset_info(cfg.data.dataset)
-    train_set = load_dataset(cfg.data.dataset, cfg.data.root, cfg.data.train_split, cfg.data.download, cfg.data.limit)
-    test_set = load_dataset(cfg.data.dataset, cfg.data.root, _test_split(cfg), cfg.data.download, cfg.data.limit)
     num_classes = cfg.model.num_classes or info.num_classes
+    if num_classes < info.num_classes:
+        raise ValueError(f"model.num_classes = {num_classes} but {info.name} has {info.num_classes} classes; raise it or leave it unset")
+    train_set = load_dataset(cfg.data.dataset, cfg.data.root, cfg.data.train_split, cfg.data.download, cfg.data.limit)
+    test_set = load_dataset(cfg.data.dataset, cfg.data.root, cfg.data.test_split or info.eval_split, cfg.data.download, cfg.data.limit)
+    for split_set in (train_set, test_set):
+        check_labeled(split_set)
+        if len(split_set) == 0:
+            raise ValueError(f"{info.name}/{split_set.split} is empty")
     model = runtime.prepare(create_model(cfg.model.arch, num_classes=num_classes, in_channels=info.channels))
 
     train_batches = DeviceBatches(train_set, cfg.optim.batch_size, runtime.device, shuffle=True, drop_last=len(train_set) >= 2 * cfg.optim.batch_size, seed=cfg.seed)

@@ -37,10 +37,16 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "card") -> "ModelCard":
+        if not isinstance(raw, dict):
+            raise WeightsError(f"{source}: a card must be a JSON object, got {type(raw).__name__}")
         data = dict(raw)
         missing = [k for k in ("arch", "num_classes") if k not in data]
         if missing:
             raise WeightsError(f"{source}: card lacks required field(s) {missing}")
+        for key, kind in (("arch", str), ("num_classes", int), ("in_channels", int), ("dataset", str)):
+            value = data.get(key)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise WeightsError(f"{source}: card field {key!r} must be a {kind.__name__}, got {value!r}")
         # The shared reference cards record accuracy as test_acc_fp32; accept both spellings.
         accuracy = data.pop("accuracy", None)
         if accuracy is None:
@@ -135,11 +141,14 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str, arch:
         if missing or unexpected:
             matches = _matching_archs(state)
             hint = f"; the file's keys match arch {matches}" if matches else "; no registered arch has these keys"
-        elif shapes:
-            head = getattr(model, "head", None)
-            head_key = next((k for k in state if head is not None and k.endswith(".weight") and state[k].dim() == 2), None)
+        else:
+            bad = {k for k in expected if k in state and state[k].shape != expected[k].shape}
+            head_key = next((k for k in bad if k.endswith(".weight") and state[k].dim() == 2), None)
+            first_conv = next((k for k in expected if expected[k].dim() == 4), None)
             if head_key is not None:
                 hint = f"; the file's head {head_key} has {state[head_key].shape[0]} outputs (wrong num_classes?)"
+            elif first_conv in bad:
+                hint = f"; the file's first conv takes {state[first_conv].shape[1]} input channels (wrong in_channels?)"
         raise WeightsError(f"cannot load {what} into {arch}: " + "; ".join(parts) + hint)
     model.load_state_dict(state, strict=True)
 
