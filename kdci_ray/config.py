@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator
 
 from .data import DATASETS
-from .models import MODELS
+from .models import classifier_names
 
 
 class ConfigError(ValueError):
@@ -59,9 +59,8 @@ class ModelConfig(Section):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, name: str) -> str:
-        if name not in MODELS or MODELS.meta(name)["kind"] != "classifier":
-            names = [n for n in MODELS.names() if MODELS.meta(n)["kind"] == "classifier"]
-            raise ValueError(f"no such classifier {name!r}; known classifiers: {', '.join(names)}")
+        if name not in classifier_names():
+            raise ValueError(f"no such classifier {name!r}; known classifiers: {', '.join(classifier_names())}")
         return name
 
 
