@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from .data import DATASETS
 from .models import classifier_names
@@ -100,6 +100,58 @@ class TeacherTrainConfig(Section):
     optim: OptimConfig = OptimConfig()
     augment: AugmentConfig = AugmentConfig()
     output: OutputConfig = OutputConfig()
+
+
+class TeacherConfig(ModelConfig):
+    weights: Path = Field(description="teacher weights (.safetensors, or a torch checkpoint read with weights_only)")
+
+
+class KDConfig(Section):
+    temperature: float = Field(4.0, gt=0, description="KD softmax temperature tau (loss is scaled by tau^2)")
+
+
+class KDCIConfig(Section):
+    """The confounder dictionary and the causal intervention (see ../shared/KDCI.md)."""
+
+    enabled: bool = Field(True, description="false: the plain baseline, exactly")
+    n: Int = Field(32, ge=1, description="dictionary size N (number of k-means prototypes)")
+    alpha: float = Field(1.0, ge=0, description="fusion weight: s' = s + alpha * F")
+    hidden: Int = Field(256, ge=1, description="attention hidden size h")
+    attention: Literal["additive", "dot"] = "additive"
+    uniform_attention: bool = Field(False, description="ablation: lambda = 1/N")
+    use_prior: bool = Field(True, description="false = ablation: drop P(z) from F")
+    random_prototypes: bool = Field(False, description="ablation: Gaussian prototypes with the real ones' mean/std")
+    feature: Literal["logits", "penultimate"] = Field("logits", description="teacher output used to assign clusters")
+    pca_dim: Int | None = Field(None, ge=1, description="PCA-reduce the assignment features (prototypes stay logits)")
+    niter: Int = Field(20, ge=1, description="k-means (Lloyd) iterations")
+    max_train_points: Int = Field(100_000, ge=1, description="k-means trains on a seeded sample of this many rows")
+    rebuild_every: Int = Field(0, ge=0, description="rebuild the dictionary every this many epochs (0: build once)")
+
+    @model_validator(mode="after")
+    def _enough_train_points(self) -> "KDCIConfig":
+        if self.max_train_points < self.n:
+            raise ValueError(f"max_train_points = {self.max_train_points} < n = {self.n}: k-means needs at least n points; raise max_train_points")
+        return self
+
+
+class DistillConfig(Section):
+    """One distillation run: teacher -> student on substitution data, with or without KDCI."""
+
+    name: Text = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; outputs go to <output.dir>/<name>/")
+    seed: Int = 0
+    device: Text = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    eval_every: Int = Field(1, ge=1, description="evaluate on the labelled test split every N epochs (and at the end)")
+    resume: bool = Field(True, description="continue from <output.dir>/<name>/checkpoint.pt when it exists")
+    data: DataConfig = Field(description="the teacher's original dataset: its labelled test split scores the student")
+    teacher: TeacherConfig
+    student: ModelConfig
+    kd: KDConfig = KDConfig()
+    kdci: KDCIConfig = KDCIConfig()
+    optim: OptimConfig = OptimConfig()
+    augment: AugmentConfig = Field(AugmentConfig(), description="applied to substitution images before KD")
+    output: OutputConfig = OutputConfig(dir=Path("runs/distill"))
 
 
 C = TypeVar("C", bound=BaseModel)

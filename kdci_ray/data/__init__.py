@@ -13,6 +13,7 @@ from . import tiny_imagenet as _tiny  # noqa: F401
 from .base import DATASETS, ArrayImageDataset, DatasetError, DatasetInfo, FileImageDataset, ImageDataset, cache_root
 from .batches import DeviceBatches, Normalize, random_crop_flip
 from .pool import UnlabeledPool, resize_uint8
+from .substitution import SubstitutionSet, epoch_generator
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -46,10 +47,12 @@ __all__ = [
     "DeviceBatches",
     "FileImageDataset",
     "ImageDataset",
+    "SubstitutionSet",
     "Normalize",
     "UnlabeledPool",
     "cache_root",
     "dataset_info",
+    "epoch_generator",
     "load_dataset",
     "load_pool",
     "random_crop_flip",

@@ -1,0 +1,73 @@
+"""A fixed substitution set held in memory (uint8 images), served as KD batches on the device.
+
+This is the simplest substitution source the distillation loop accepts: a pool that does not change
+during training (a sampled or selected set, or images exported by a synthesizer). Every epoch's order
+comes from a generator seeded by (seed, epoch), so a resumed run sees the same batches as an
+uninterrupted one without storing any RNG state.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+def epoch_generator(seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator that depends only on (seed, epoch): the basis of exact resume."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + epoch) % (2**63))
+
+
+class SubstitutionSet:
+    def __init__(self, images, seed: int = 0, name: str = "substitution"):
+        if isinstance(images, np.ndarray):
+            if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+                images = images.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+            images = torch.from_numpy(np.ascontiguousarray(images))
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+            got = f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}"
+            raise ValueError(f"{name}: images must be uint8 NCHW (or NHWC numpy), got {got}")
+        if len(images) == 0:
+            raise ValueError(f"{name}: the substitution set is empty")
+        self.images, self.seed, self.name = images, seed, name
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def to(self, device: torch.device | str) -> "SubstitutionSet":
+        self.images = self.images.to(device)
+        return self
+
+    def _drop_last(self, batch_size: int) -> bool:
+        # Dropping a ragged last batch keeps BN statistics sane, unless it would drop most of the data.
+        return len(self) >= 2 * batch_size
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        n = len(self)
+        return n // batch_size if self._drop_last(batch_size) else -(-n // batch_size)
+
+    # The distillation loop's source interface -------------------------------------------------
+    def begin_epoch(self, epoch: int, distiller) -> None:
+        """Nothing to synthesize: the set is fixed."""
+
+    def batches(self, epoch: int, batch_size: int) -> Iterator[torch.Tensor]:
+        device = self.images.device
+        order = torch.randperm(len(self), generator=epoch_generator(self.seed, epoch)).to(device)
+        for step in range(self.steps_per_epoch(batch_size)):
+            yield self.images.index_select(0, order[step * batch_size : (step + 1) * batch_size])
+
+    def dictionary_images(self, batch_size: int = 1024) -> Iterator[torch.Tensor]:
+        """All images once, in a fixed order (the dictionary is built over *all* substitution data)."""
+        for start in range(0, len(self), batch_size):
+            yield self.images[start : start + batch_size]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,360 @@
+"""The plain-PyTorch distillation loop: substitution data -> (KDCI) KD -> evaluation -> checkpoint.
+
+Single process, CPU or GPU; the same function runs inside a Ray Train worker. Per epoch:
+`source.begin_epoch` (synthesis, for methods that synthesize), dictionary (re)build when due, KD steps,
+evaluation of the raw and the compensated student, an atomic checkpoint carrying the config.
+
+Outputs under `<output.dir>/<name>/`: checkpoint.pt (student, intervention, optimizer, scheduler,
+dictionary, source state, history, config), and at the end student.safetensors + card,
+dictionary.safetensors, config.yaml, metrics.json.
+
+Exact resume: every epoch's shuffling and augmentation come from generators seeded by (seed, epoch),
+so continuing from a checkpoint reproduces the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+
+from ..config import DistillConfig, dump_config
+from ..data import DeviceBatches, Normalize, dataset_info, epoch_generator, load_dataset, random_crop_flip
+from ..kdci import (
+    CausalIntervention,
+    CompensatedStudent,
+    ConfounderDictionary,
+    Distiller,
+    attention_entropy,
+    build_dictionary,
+    teacher_blocks,
+    teacher_fingerprint,
+    total_loss,
+)
+from ..losses import KLDivergenceKD
+from ..models import ModelCard, create_model, load_classifier, save_classifier
+from .evaluate import check_labeled, evaluate
+from .runtime import Runtime, resolve_runtime, seed_everything
+from .teacher import lr_lambda, make_optimizer
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+# Config fields that may differ between a run and its resumption (they do not change the result).
+_RESUME_FREE = {"device", "precision", "channels_last", "resume", "eval_every", "output"}
+
+
+class SubstitutionSource(Protocol):
+    """What the loop needs from a DFKD method (or a fixed set): see `kdci_ray.data.SubstitutionSet`."""
+
+    def steps_per_epoch(self, batch_size: int) -> int: ...
+    def begin_epoch(self, epoch: int, distiller: Distiller) -> None: ...
+    def batches(self, epoch: int, batch_size: int) -> Iterator[torch.Tensor]: ...
+    def dictionary_images(self, batch_size: int = 1024) -> Iterator[torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class RunLogger(Protocol):
+    """The loop's only view of tracking (MLflow lives in a higher layer)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: Path) -> None: ...
+
+
+class NullLogger:
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path) -> None:
+        pass
+
+
+@dataclass
+class DistillResult:
+    run_dir: Path
+    epoch: int  # last finished epoch
+    finished: bool
+    history: list[dict] = field(default_factory=list)
+    student_weights: Path | None = None
+    dictionary_path: Path | None = None
+    resumed_from: int = 0  # epoch the run continued from (0: started fresh)
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if not prefix and key in _RESUME_FREE:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: checkpoint has {a!r}, config has {b!r}")
+    return diffs
+
+
+class _Run:
+    """Everything one distillation run holds; `distill()` below is the readable entry point."""
+
+    def __init__(self, cfg: DistillConfig, source: SubstitutionSource, runtime: Runtime):
+        self.cfg, self.source, self.runtime = cfg, source, runtime
+        info = dataset_info(cfg.data.dataset)
+        self.teacher, card = load_classifier(
+            cfg.teacher.weights, cfg.teacher.arch, cfg.teacher.num_classes or info.num_classes, info.channels, map_location="cpu"
+        )
+        self.teacher = runtime.prepare(self.teacher)
+        self.num_classes = card.num_classes
+        self.mean = list(card.normalize_mean or info.mean)
+        self.std = list(card.normalize_std or info.std)
+        self.normalize = Normalize(self.mean, self.std).to(runtime.device)
+        self.teacher_id = teacher_fingerprint(self.teacher)
+        test_split = cfg.data.test_split or info.eval_split
+        self.test_set = load_dataset(cfg.data.dataset, cfg.data.root, test_split, cfg.data.download, cfg.data.limit)
+        check_labeled(self.test_set)
+        self.info = info
+
+        student = create_model(cfg.student.arch, num_classes=self.num_classes, in_channels=info.channels)
+        self.student = runtime.prepare(student)
+        k = cfg.kdci
+        self.intervention = None
+        if k.enabled:
+            self.intervention = CausalIntervention(
+                self.num_classes, k.hidden, k.attention, k.alpha, k.uniform_attention, k.use_prior, k.random_prototypes, seed=cfg.seed
+            ).to(runtime.device)
+        self.distiller = Distiller(self.student, self.teacher, KLDivergenceKD(cfg.kd.temperature), self.intervention)
+        self.optimizer = make_optimizer(self.distiller, cfg.optim, runtime.device)
+        self.steps_per_epoch = source.steps_per_epoch(cfg.optim.batch_size)
+        if self.steps_per_epoch < 1:
+            raise ValueError("the substitution source yields no batches: give it data or lower optim.batch_size")
+        total = self.steps_per_epoch * cfg.optim.epochs
+        warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(total, warmup, cfg.optim.schedule))
+        self.test_batches = DeviceBatches(self.test_set, 512, runtime.device)
+        self.dictionary: ConfounderDictionary | None = None
+        self.dictionary_epoch = 0
+
+    # -- pieces of an epoch -------------------------------------------------------------------
+    def prepare_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(pixels)
+        return x.contiguous(memory_format=torch.channels_last) if self.runtime.channels_last else x
+
+    def build_dictionary(self, epoch: int) -> None:
+        k = self.cfg.kdci
+        t0 = time.perf_counter()
+        # Teacher outputs are small (N x C, or N x feature_dim), so one pass is kept and read twice.
+        blocks = list(teacher_blocks(self.teacher, self.source.dictionary_images(), self.prepare_input, k.feature, self.runtime.autocast))
+        self.dictionary = build_dictionary(
+            blocks, k.n, seed=self.cfg.seed, niter=k.niter, feature=k.feature, pca_dim=k.pca_dim,
+            max_train_points=k.max_train_points, teacher=self.teacher_id, dataset=getattr(self.source, "name", ""),
+            extra={"epoch": epoch},
+        )
+        self.dictionary_epoch = epoch
+        self.intervention.set_dictionary(self.dictionary.prototypes, self.dictionary.priors)
+        log.info("dictionary: N=%d from %d samples (%d k-means iterations) in %.1f s",
+                 self.dictionary.n, self.dictionary.meta.samples, self.dictionary.meta.iterations, time.perf_counter() - t0)
+
+    def dictionary_due(self, epoch: int) -> bool:
+        if self.intervention is None:
+            return False
+        if self.dictionary is None:
+            return True
+        every = self.cfg.kdci.rebuild_every
+        return every > 0 and epoch - self.dictionary_epoch >= every
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, device = self.cfg, self.runtime.device
+        self.distiller.train()
+        aug = epoch_generator(cfg.seed + 1, epoch, device)
+        sums: dict[str, torch.Tensor] = {}
+        entropy = torch.zeros((), device=device)
+        steps = seen = 0
+        t0 = time.perf_counter()
+        for pixels in self.source.batches(epoch, cfg.optim.batch_size):
+            pixels = random_crop_flip(pixels, cfg.augment.crop_padding, cfg.augment.hflip, aug)
+            x = self.prepare_input(pixels)
+            with self.runtime.autocast():
+                out = self.distiller(x)
+                loss = total_loss(out.losses)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            # Sums stay on the device: one host sync per epoch, not per step.
+            for name, value in out.losses.items():
+                sums[name] = sums.get(name, 0) + value.detach().float()
+            sums["loss"] = sums.get("loss", 0) + loss.detach().float()
+            if out.attention is not None:
+                entropy += attention_entropy(out.attention.detach())
+            steps += 1
+            seen += x.shape[0]
+        seconds = time.perf_counter() - t0
+        if steps == 0:
+            raise RuntimeError(f"epoch {epoch}: the substitution source yielded no batches")
+        row = {f"train_{name}": float(value) / steps for name, value in sums.items()}
+        if self.intervention is not None:
+            row["attention_entropy"] = float(entropy) / steps
+        row.update(lr=self.scheduler.get_last_lr()[0], images_per_s=seen / seconds, epoch_seconds=seconds)
+        if not math.isfinite(row["train_loss"]):
+            raise FloatingPointError(f"distill {cfg.name}: loss became {row['train_loss']} in epoch {epoch}; lower optim.lr")
+        return row
+
+    def evaluate(self) -> dict[str, float]:
+        raw = evaluate(self.student, self.test_batches, self.normalize, self.runtime)
+        row = {"test_top1": raw["top1"], "test_top5": raw["top5"]}
+        if self.intervention is not None:
+            comp = evaluate(CompensatedStudent(self.student, self.intervention), self.test_batches, self.normalize, self.runtime)
+            row.update(test_top1_compensated=comp["top1"], test_top5_compensated=comp["top5"])
+        return row
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def checkpoint_state(self, epoch: int, history: list[dict]) -> dict:
+        d = self.dictionary
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.cfg.model_dump(mode="json"),
+            "epoch": epoch,
+            "student": self.student.state_dict(),
+            "intervention": None if self.intervention is None else self.intervention.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "dictionary": None if d is None else {"tensors": d.tensors(), "meta": d.meta_json(), "epoch": self.dictionary_epoch},
+            "source": self.source.state_dict(),
+            "history": history,
+        }
+
+    def restore(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        if self.intervention is not None:
+            self.intervention.load_state_dict(state["intervention"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.source.load_state_dict(state["source"])
+        if state["dictionary"] is not None and self.intervention is not None:
+            saved = state["dictionary"]
+            self.dictionary = ConfounderDictionary.from_tensors(saved["tensors"], saved["meta"], "checkpoint dictionary")
+            self.dictionary_epoch = saved["epoch"]
+            self.intervention.set_dictionary(self.dictionary.prototypes, self.dictionary.priors)
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def load_checkpoint(path: Path, cfg: DistillConfig) -> dict:
+    """Read a checkpoint (weights_only: no code runs) and check it belongs to this config."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a kdci_ray distillation checkpoint (format {CHECKPOINT_FORMAT})")
+    diffs = _config_diff(state["config"], cfg.model_dump(mode="json"))
+    if diffs:
+        raise ValueError(
+            f"{path} was written by a different config ({'; '.join(diffs)}); "
+            "use another name, set output.overwrite=true to start over, or resume=false"
+        )
+    return state
+
+
+def distill(
+    cfg: DistillConfig,
+    source: SubstitutionSource,
+    logger: RunLogger | None = None,
+    stop_after_epoch: int | None = None,
+) -> DistillResult:
+    """Train `cfg.student` from `cfg.teacher` on `source`; resumes from the run's checkpoint if there is one.
+
+    `stop_after_epoch` ends the call early after that epoch (its checkpoint written), as a preemption would.
+    """
+    logger = logger or NullLogger()
+    run_dir = Path(cfg.output.dir) / cfg.name
+    ckpt_path = run_dir / "checkpoint.pt"
+    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite and not (cfg.resume and ckpt_path.is_file()):
+        raise FileExistsError(
+            f"{run_dir} already holds a run{' (resume=false)' if ckpt_path.is_file() else ''}: "
+            "choose another name, or set output.overwrite=true to start over"
+        )
+    state = None
+    if ckpt_path.is_file() and cfg.output.overwrite:
+        ckpt_path.unlink()  # asked to start over
+    elif ckpt_path.is_file() and cfg.resume:
+        state = load_checkpoint(ckpt_path, cfg)  # before any expensive work
+
+    seed_everything(cfg.seed)
+    runtime = resolve_runtime(cfg.device, cfg.precision, cfg.channels_last)
+    if hasattr(source, "to"):
+        source.to(runtime.device)
+    run = _Run(cfg, source, runtime)
+    history: list[dict] = []
+    start = 1
+    if state is not None:
+        run.restore(state)
+        history = list(state["history"])
+        start = state["epoch"] + 1
+        log.info("distill %s: resuming after epoch %d", cfg.name, state["epoch"])
+    result = DistillResult(run_dir, start - 1, False, history, resumed_from=start - 1)
+    if start > cfg.optim.epochs:
+        log.info("distill %s: already finished (%d epochs); nothing to do", cfg.name, cfg.optim.epochs)
+        return _finished(run, result)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    log.info(
+        "distill %s: %s -> %s, KDCI %s, %d substitution images, %d epochs x %d steps, %s",
+        cfg.name, cfg.teacher.arch, cfg.student.arch, f"on (N={cfg.kdci.n}, alpha={cfg.kdci.alpha})" if cfg.kdci.enabled else "off",
+        len(source) if hasattr(source, "__len__") else -1, cfg.optim.epochs, run.steps_per_epoch, runtime.describe(),
+    )
+    for epoch in range(start, cfg.optim.epochs + 1):
+        source.begin_epoch(epoch, run.distiller)
+        if run.dictionary_due(epoch):
+            run.build_dictionary(epoch)
+        row = {"epoch": epoch, **run.train_epoch(epoch)}
+        if epoch % cfg.eval_every == 0 or epoch == cfg.optim.epochs:
+            row.update(run.evaluate())
+        history.append(row)
+        logger.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        save_atomic(run.checkpoint_state(epoch, history), ckpt_path)
+        result.epoch = epoch
+        log.info(
+            "epoch %d/%d loss %.4f%s%s  %.0f img/s", epoch, cfg.optim.epochs, row["train_loss"],
+            f" test {row['test_top1']:.2f}%" if "test_top1" in row else "",
+            f" (compensated {row['test_top1_compensated']:.2f}%)" if "test_top1_compensated" in row else "",
+            row["images_per_s"],
+        )
+        if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < cfg.optim.epochs:
+            log.info("distill %s: stopping after epoch %d as asked; run again to resume", cfg.name, epoch)
+            return result
+    return _finished(run, result)
+
+
+def _finished(run: _Run, result: DistillResult) -> DistillResult:
+    """Write the final student (+ card), dictionary and metrics; idempotent for a finished run."""
+    cfg = run.cfg
+    run_dir = result.run_dir
+    result.finished = True
+    result.epoch = cfg.optim.epochs
+    final = result.final
+    card = ModelCard(
+        arch=cfg.student.arch, num_classes=run.num_classes, dataset=cfg.data.dataset,
+        normalize_mean=run.mean, normalize_std=run.std, accuracy=round(final.get("test_top1", float("nan")), 2),
+        in_channels=run.info.channels,
+        extra={"teacher": cfg.teacher.arch, "teacher_id": run.teacher_id, "kdci": cfg.kdci.enabled, "epochs": cfg.optim.epochs, "seed": cfg.seed},
+    )
+    result.student_weights = save_classifier(
+        run.student.to(memory_format=torch.contiguous_format), run_dir / "student.safetensors", card, overwrite=True
+    )
+    if run.dictionary is not None:
+        result.dictionary_path = run.dictionary.save(run_dir / "dictionary.safetensors")
+    (run_dir / "metrics.json").write_text(json.dumps(result.history, indent=1))
+    return result

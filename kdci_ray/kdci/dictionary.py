@@ -1,0 +1,286 @@
+"""The confounder dictionary (KDCI stage a): N prototypes in logit space and their priors P(z).
+
+Build: k-means (k-means++ init, faiss assignment) over the teacher's features of the substitution data,
+trained on a seeded sample of at most `max_train_points` rows, then one streaming pass assigns *every*
+sample. Prototype z_i = mean teacher logits of cluster i (dim C, the space of the student's logits);
+prior P(z_i) = n_i / n over all samples. The assignment may use other features (penultimate
+activations, optionally PCA-reduced); prototypes are always logits.
+
+Empty clusters after the final assignment (possible only when the sample missed a region) are
+dropped, deterministically and with a warning: a prototype nothing was assigned to has no logits to
+average and would only dilute the attention. `meta.n_requested` keeps the asked-for N.
+
+Saved as one safetensors file (tensors + JSON metadata): no pickle, safe to load from anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import faiss
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .kmeans import ClusterStats, as_float32, assign, cluster_stats, kmeans, resolve_use_gpu
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+FEATURE_KINDS = ("logits", "penultimate")
+_META_KEY = "kdci_dictionary"
+
+
+class DictionaryError(ValueError):
+    """Bad input to a dictionary build, or a dictionary file that is not one."""
+
+
+@dataclass(frozen=True)
+class DictionaryMeta:
+    n_requested: int
+    feature: str = "logits"
+    teacher: str = ""
+    dataset: str = ""
+    samples: int = 0  # rows assigned (all the substitution data)
+    train_samples: int = 0  # rows k-means was trained on
+    seed: int = 0
+    niter: int = 20
+    iterations: int = 0  # Lloyd iterations actually run
+    inertia: float = float("nan")  # mean squared distance on the training sample
+    pca_dim: int | None = None
+    empty_dropped: int = 0
+    extra: dict = field(default_factory=dict)
+    format: int = FORMAT_VERSION
+
+
+@dataclass
+class ConfounderDictionary:
+    prototypes: torch.Tensor  # (N, C) float32: mean teacher logits per cluster
+    priors: torch.Tensor  # (N,) float32, sums to 1
+    centroids: torch.Tensor  # (N, D) float32, in the assignment space
+    counts: torch.Tensor  # (N,) int64
+    meta: DictionaryMeta
+    pca_matrix: torch.Tensor | None = None  # (D, D_in): assignment features are x @ A.T + b
+    pca_bias: torch.Tensor | None = None  # (D,)
+
+    @property
+    def n(self) -> int:
+        return int(self.prototypes.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.prototypes.shape[1])
+
+    def project(self, features) -> np.ndarray:
+        return project(as_float32(features), self.pca_matrix, self.pca_bias)
+
+    def assign(self, features, use_gpu: bool | str = "auto") -> np.ndarray:
+        """Cluster index of each feature row (same feature kind the dictionary was built from)."""
+        return assign(self.project(features), self.centroids.numpy(), resolve_use_gpu(use_gpu))[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"prototypes": self.prototypes, "priors": self.priors, "centroids": self.centroids, "counts": self.counts}
+        if self.pca_matrix is not None:
+            out.update(pca_matrix=self.pca_matrix, pca_bias=self.pca_bias)
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def meta_json(self) -> str:
+        return json.dumps(asdict(self.meta), sort_keys=True)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(self.tensors(), str(tmp), metadata={_META_KEY: self.meta_json()})
+        tmp.replace(path)  # atomic: a crash never leaves a half-written dictionary under the real name
+        return path
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta_json: str, source: str = "dictionary") -> "ConfounderDictionary":
+        try:
+            meta = DictionaryMeta(**json.loads(meta_json))
+        except (TypeError, ValueError) as exc:
+            raise DictionaryError(f"{source}: metadata is not a KDCI dictionary's ({exc})") from None
+        if meta.format > FORMAT_VERSION:
+            raise DictionaryError(f"{source}: format {meta.format} is newer than this kdci_ray reads ({FORMAT_VERSION}); upgrade kdci_ray")
+        missing = {"prototypes", "priors", "centroids", "counts"} - set(tensors)
+        if missing:
+            raise DictionaryError(f"{source}: missing tensors {sorted(missing)}")
+        d = cls(
+            prototypes=tensors["prototypes"].float(),
+            priors=tensors["priors"].float(),
+            centroids=tensors["centroids"].float(),
+            counts=tensors["counts"].long(),
+            meta=meta,
+            pca_matrix=tensors.get("pca_matrix"),
+            pca_bias=tensors.get("pca_bias"),
+        )
+        n = d.prototypes.shape[0]
+        if d.prototypes.ndim != 2 or d.priors.shape != (n,) or d.counts.shape != (n,) or d.centroids.shape[0] != n:
+            raise DictionaryError(f"{source}: inconsistent shapes prototypes {tuple(d.prototypes.shape)}, priors {tuple(d.priors.shape)}")
+        return d
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ConfounderDictionary":
+        path = Path(path)
+        if not path.is_file():
+            raise DictionaryError(f"dictionary file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types for a corrupt header
+            raise DictionaryError(f"{path} is not a safetensors file ({exc})") from None
+        if _META_KEY not in metadata:
+            raise DictionaryError(f"{path} has no {_META_KEY!r} metadata: not a KDCI dictionary")
+        return cls.from_tensors(tensors, metadata[_META_KEY], str(path))
+
+
+def project(x: np.ndarray, matrix: torch.Tensor | None, bias: torch.Tensor | None) -> np.ndarray:
+    """The optional PCA used for the assignment only (identity when there is none)."""
+    if matrix is None:
+        return x
+    return np.ascontiguousarray(x @ matrix.numpy().T + bias.numpy(), dtype=np.float32)
+
+
+# A source of (features or None, logits) blocks that can be iterated more than once.
+Blocks = Iterable[tuple[object, object]] | Callable[[], Iterable[tuple[object, object]]]
+
+
+def _open_blocks(blocks: Blocks):
+    it = blocks() if callable(blocks) else iter(blocks)
+    if it is blocks:
+        raise DictionaryError("build_dictionary reads the data twice: pass a list, a re-iterable object or a function returning a fresh iterator, not a generator")
+    return it
+
+
+def _checked_block(i: int, features, logits) -> tuple[np.ndarray, np.ndarray]:
+    logits = as_float32(logits)
+    feats = logits if features is None else as_float32(features)
+    if logits.ndim != 2 or feats.ndim != 2 or len(feats) != len(logits):
+        raise DictionaryError(f"block {i}: expected 2-D features and logits with the same rows, got {feats.shape} and {logits.shape}")
+    for name, arr in (("features", feats), ("logits", logits)):
+        if not np.isfinite(arr).all():
+            raise DictionaryError(f"block {i}: teacher {name} contain NaN or inf; check the teacher weights and the substitution images")
+    return feats, logits
+
+
+def build_dictionary(
+    blocks: Blocks,
+    n: int,
+    *,
+    seed: int = 0,
+    niter: int = 20,
+    feature: str = "logits",
+    pca_dim: int | None = None,
+    max_train_points: int = 100_000,
+    teacher: str = "",
+    dataset: str = "",
+    use_gpu: bool | str = "auto",
+    extra: dict | None = None,
+) -> ConfounderDictionary:
+    """Build a dictionary from blocks of `(features or None, teacher logits)`; see the module docstring.
+
+    `blocks` is read twice (sample, then assign), so it can stream data larger than memory.
+    """
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise DictionaryError(f"dictionary size N must be an integer >= 1, got {n!r}")
+    if feature not in FEATURE_KINDS:
+        raise DictionaryError(f"feature must be one of {', '.join(FEATURE_KINDS)}, got {feature!r}")
+    if max_train_points < n:
+        raise DictionaryError(f"max_train_points = {max_train_points} < N = {n}: k-means needs at least N training points")
+    if pca_dim is not None and pca_dim < 1:
+        raise DictionaryError(f"pca_dim must be >= 1 or unset, got {pca_dim}")
+    gpu = resolve_use_gpu(use_gpu)
+    rng = np.random.default_rng(seed)
+
+    # Pass 1: a uniform sample without replacement (keep the rows with the largest random keys).
+    keys = np.empty(0)
+    sample = None
+    total = 0
+    for i, (features, logits) in enumerate(_open_blocks(blocks)):
+        feats, _ = _checked_block(i, features, logits)
+        total += len(feats)
+        block_keys = rng.random(len(feats))
+        keys = np.concatenate([keys, block_keys])
+        sample = feats.copy() if sample is None else np.concatenate([sample, feats])
+        if len(keys) > max_train_points:
+            keep = np.argpartition(-keys, max_train_points - 1)[:max_train_points]
+            keep.sort()  # keep arrival order, so the sample does not depend on argpartition internals
+            keys, sample = keys[keep], sample[keep]
+    if total == 0:
+        raise DictionaryError("no substitution data: the blocks were empty")
+    if n > total:
+        raise DictionaryError(f"N = {n} prototypes but only {total} substitution samples; lower N (kdci.n) or add data")
+
+    pca_bias = pca_matrix = None
+    train = sample
+    if pca_dim is not None:
+        d_in = sample.shape[1]
+        if pca_dim > d_in:
+            raise DictionaryError(f"pca_dim = {pca_dim} exceeds the feature dimension {d_in}")
+        pca = faiss.PCAMatrix(d_in, pca_dim)
+        pca.train(sample)
+        # faiss stores x -> A (x - mean) with A (d_out x d_in) row-major in pca.A.
+        # After training faiss holds the projection as y = A x + b, A of shape (pca_dim, d_in).
+        pca_matrix = torch.from_numpy(faiss.vector_to_array(pca.A).astype(np.float32).reshape(pca_dim, d_in).copy())
+        pca_bias = torch.from_numpy(faiss.vector_to_array(pca.b).astype(np.float32).copy())
+        train = project(sample, pca_matrix, pca_bias)
+
+    centroids, iterations, inertia = kmeans(train, n, niter=niter, seed=seed, use_gpu=gpu)
+
+    # Pass 2: assign every sample; sum teacher logits per cluster.
+    stats = None
+    for i, (features, logits) in enumerate(_open_blocks(blocks)):
+        feats, logits = _checked_block(i, features, logits)
+        feats = project(feats, pca_matrix, pca_bias)
+        block = cluster_stats(feats, centroids, gpu, values=logits)
+        stats = block if stats is None else stats + block
+    assert stats is not None
+    if int(stats.counts.sum()) != total:
+        raise DictionaryError(f"the blocks changed between passes ({total} rows, then {int(stats.counts.sum())}); pass a deterministic source")
+    return _finish(stats, centroids, total, n, pca_matrix, pca_bias, DictionaryMeta(
+        n_requested=n, feature=feature, teacher=teacher, dataset=dataset, samples=total, train_samples=len(train),
+        seed=seed, niter=niter, iterations=iterations, inertia=inertia, pca_dim=pca_dim, extra=dict(extra or {}),
+    ))
+
+
+def _finish(stats: ClusterStats, centroids: np.ndarray, total: int, n: int, pca_matrix, pca_bias, meta: DictionaryMeta) -> ConfounderDictionary:
+    filled = stats.counts > 0
+    dropped = int((~filled).sum())
+    if dropped:
+        log.warning("dictionary: %d of %d clusters received no samples and were dropped", dropped, n)
+    counts = stats.counts[filled]
+    prototypes = stats.sums[filled] / counts[:, None]
+    return ConfounderDictionary(
+        prototypes=torch.from_numpy(prototypes.astype(np.float32)),
+        priors=torch.from_numpy((counts / total).astype(np.float32)),
+        centroids=torch.from_numpy(centroids[filled].copy()),
+        counts=torch.from_numpy(counts.astype(np.int64)),
+        meta=DictionaryMeta(**{**asdict(meta), "empty_dropped": dropped}),
+        pca_matrix=pca_matrix,
+        pca_bias=pca_bias,
+    )
+
+
+def build_dictionary_from_arrays(
+    logits, n: int, features=None, block_rows: int = 65_536, **kwargs
+) -> ConfounderDictionary:
+    """In-memory convenience: same algorithm as `build_dictionary`, fed in blocks of `block_rows`."""
+    logits = as_float32(logits)
+    feats = None if features is None else as_float32(features)
+    if feats is not None and len(feats) != len(logits):
+        raise DictionaryError(f"{len(feats)} feature rows but {len(logits)} logit rows")
+    if "feature" not in kwargs:
+        kwargs["feature"] = "logits" if feats is None else "penultimate"
+
+    def blocks():
+        for start in range(0, len(logits), block_rows):
+            yield (None if feats is None else feats[start : start + block_rows]), logits[start : start + block_rows]
+
+    return build_dictionary(blocks, n, **kwargs)

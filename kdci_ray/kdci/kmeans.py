@@ -1,0 +1,137 @@
+"""Lloyd k-means whose every step is "assign a block with faiss, return per-centroid sums and counts".
+
+The single-process dictionary build and the distributed one (Ray actors holding shards, the driver
+updating centroids, as in faiss's distributed k-means example) call the same three functions, so the
+two give the same centroids for the same init. k-means++ seeding comes from scikit-learn.
+
+Empty clusters are handled deterministically, as faiss does: an empty centroid takes a copy of the
+most populated cluster's centroid (lowest index on ties), and the two are nudged apart by a relative
+1/1024 in alternating directions per dimension; the donor's count is halved for the next empty one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import torch
+
+_SPLIT_EPS = 1.0 / 1024.0
+_gpu_resources = None
+
+
+def faiss_has_gpu() -> bool:
+    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+def _flat_index(dim: int, use_gpu: bool) -> faiss.Index:
+    global _gpu_resources
+    if use_gpu:
+        if _gpu_resources is None:  # one allocation per process; creating it per call costs ~100 ms
+            _gpu_resources = faiss.StandardGpuResources()
+        return faiss.GpuIndexFlatL2(_gpu_resources, dim)
+    return faiss.IndexFlatL2(dim)
+
+
+def resolve_use_gpu(use_gpu: bool | str) -> bool:
+    if use_gpu == "auto":
+        return faiss_has_gpu()
+    if use_gpu and not faiss_has_gpu():
+        raise ValueError("use_gpu=True but this faiss has no GPUs (install faiss-gpu on a CUDA machine, or use 'auto')")
+    return bool(use_gpu)
+
+
+def as_float32(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().float().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (L2) of each row: (labels int64, squared distances float32)."""
+    index = _flat_index(centroids.shape[1], use_gpu)
+    index.add(as_float32(centroids))
+    dist, labels = index.search(as_float32(x), 1)
+    return labels[:, 0].astype(np.int64), dist[:, 0]
+
+
+@dataclass
+class ClusterStats:
+    """What one block of data contributes to a Lloyd step; blocks add up exactly (sums are float64)."""
+
+    sums: np.ndarray  # (k, d) float64
+    counts: np.ndarray  # (k,) int64
+    inertia: float  # sum of squared distances to the assigned centroid
+
+    def __add__(self, other: "ClusterStats") -> "ClusterStats":
+        return ClusterStats(self.sums + other.sums, self.counts + other.counts, self.inertia + other.inertia)
+
+    @classmethod
+    def zeros(cls, k: int, d: int) -> "ClusterStats":
+        return cls(np.zeros((k, d), np.float64), np.zeros(k, np.int64), 0.0)
+
+
+def cluster_stats(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False, values: np.ndarray | None = None) -> ClusterStats:
+    """Assign `x` to `centroids` and sum `values` (default: `x` itself) per cluster."""
+    labels, dist = assign(x, centroids, use_gpu)
+    values = as_float32(x if values is None else values).astype(np.float64)
+    k = centroids.shape[0]
+    # index_add_ is a fast scatter-sum; np.add.at is ~50x slower on large blocks.
+    sums = torch.zeros((k, values.shape[1]), dtype=torch.float64).index_add_(0, torch.from_numpy(labels), torch.from_numpy(values)).numpy()
+    return ClusterStats(sums, np.bincount(labels, minlength=k).astype(np.int64), float(dist.astype(np.float64).sum()))
+
+
+def update_centroids(stats: ClusterStats, previous: np.ndarray) -> np.ndarray:
+    """Means of the assigned points; empty clusters split the largest one (see the module docstring)."""
+    counts = stats.counts.astype(np.float64)
+    centroids = previous.astype(np.float32, copy=True)
+    filled = counts > 0
+    centroids[filled] = (stats.sums[filled] / counts[filled, None]).astype(np.float32)
+    sizes = counts.copy()
+    sign = np.where(np.arange(centroids.shape[1]) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    for empty in np.flatnonzero(~filled):
+        donor = int(np.argmax(sizes))  # argmax returns the lowest index on ties
+        base = centroids[donor].copy()
+        nudge = _SPLIT_EPS * sign * np.maximum(np.abs(base), 1e-6)
+        centroids[empty] = base + nudge
+        centroids[donor] = base - nudge
+        sizes[empty] = sizes[donor] / 2
+        sizes[donor] -= sizes[empty]
+    return centroids
+
+
+def kmeans_plusplus(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    from sklearn.cluster import kmeans_plusplus as _sk_kmeans_plusplus
+
+    centers, _ = _sk_kmeans_plusplus(as_float32(x), n_clusters=k, random_state=seed)
+    return as_float32(centers)
+
+
+def kmeans(
+    x: np.ndarray,
+    k: int,
+    niter: int = 20,
+    seed: int = 0,
+    use_gpu: bool = False,
+    init: np.ndarray | None = None,
+) -> tuple[np.ndarray, int, float]:
+    """Lloyd k-means on an in-memory block: (centroids, iterations run, mean squared distance).
+
+    Stops early once the centroids no longer change (then the assignment is a fixed point).
+    """
+    x = as_float32(x)
+    if k > len(x):
+        raise ValueError(f"k-means: {k} clusters but only {len(x)} points")
+    centroids = kmeans_plusplus(x, k, seed) if init is None else as_float32(init)
+    stats = None
+    iterations = 0
+    for iterations in range(1, niter + 1):
+        stats = cluster_stats(x, centroids, use_gpu)
+        updated = update_centroids(stats, centroids)
+        converged = np.array_equal(updated, centroids)
+        centroids = updated
+        if converged:
+            break
+    inertia = cluster_stats(x, centroids, use_gpu).inertia / len(x) if stats is not None else float("nan")
+    return centroids, iterations, inertia
