@@ -104,6 +104,17 @@ def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
+def kd_step(distiller: Distiller, optimizer: torch.optim.Optimizer, x: torch.Tensor, runtime: Runtime):
+    """One KD optimisation step on a prepared batch; returns (DistillOutput, total loss). No host sync."""
+    with runtime.autocast():
+        out = distiller(x)
+        loss = total_loss(out.losses)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return out, loss
+
+
 class _Run:
     """Everything one distillation run holds; `distill()` below is the readable entry point."""
 
@@ -183,12 +194,7 @@ class _Run:
         for pixels in self.source.batches(epoch, cfg.optim.batch_size):
             pixels = random_crop_flip(pixels, cfg.augment.crop_padding, cfg.augment.hflip, aug)
             x = self.prepare_input(pixels)
-            with self.runtime.autocast():
-                out = self.distiller(x)
-                loss = total_loss(out.losses)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            out, loss = kd_step(self.distiller, self.optimizer, x, self.runtime)
             self.scheduler.step()
             # Sums stay on the device: one host sync per epoch, not per step.
             for name, value in out.losses.items():

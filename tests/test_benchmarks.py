@@ -1,0 +1,33 @@
+"""Benchmarks must not rot: each runs here at toy size through the same code it uses at full size."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_kdci_overhead_benchmark_runs_at_toy_size(tmp_path):
+    out = tmp_path / "overhead.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "kdci_overhead.py"), "--teacher", "wrn16_1", "--teacher-weights", "none",
+           "--student", "wrn16_1", "--batch", "8", "--n", "4", "--steps", "2", "--repeats", "2", "--warmup", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "overhead: time" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["n"] == 4 and result["batch"] == 8
+    assert result["baseline_step_ms"] > 0 and result["kdci_step_ms"] > 0
+    assert len(result["kdci_step_ms_all"]) == 2 and result["baseline_peak_mb"] > 0
+    assert result["command"].startswith("python benchmarks/kdci_overhead.py --teacher wrn16_1")
+
+
+def test_committed_overhead_results_are_well_formed():
+    results = sorted((REPO / "benchmarks" / "results").glob("kdci_overhead-*.json"))
+    assert results, "benchmarks/results/ has no kdci_overhead results"
+    for path in results:
+        result = json.loads(path.read_text())
+        assert result["teacher"] == "resnet34" and result["student"] == "resnet18", path
+        assert result["command"].startswith("python benchmarks/kdci_overhead.py"), path
+        expected = 100 * (result["kdci_step_ms"] - result["baseline_step_ms"]) / result["baseline_step_ms"]
+        assert abs(result["time_overhead_pct"] - expected) < 0.01, path
