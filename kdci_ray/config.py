@@ -90,7 +90,7 @@ class TeacherTrainConfig(Section):
     """`kdci-ray train-teacher`: supervised training of a classifier on labelled data."""
 
     name: Text = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; weights are <output.dir>/<name>.safetensors")
-    seed: Int = 0
+    seed: Int = Field(0, ge=0, lt=2**32)
     device: Text = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
@@ -124,6 +124,7 @@ class KDCIConfig(Section):
     feature: Literal["logits", "penultimate"] = Field("logits", description="teacher output used to assign clusters")
     pca_dim: Int | None = Field(None, ge=1, description="PCA-reduce the assignment features (prototypes stay logits)")
     niter: Int = Field(20, ge=1, description="k-means (Lloyd) iterations")
+    nredo: Int = Field(3, ge=1, description="k-means++ restarts; the lowest-inertia run is kept")
     max_train_points: Int = Field(100_000, ge=1, description="k-means trains on a seeded sample of this many rows")
     rebuild_every: Int = Field(0, ge=0, description="rebuild the dictionary every this many epochs (0: build once)")
 
@@ -138,7 +139,7 @@ class DistillConfig(Section):
     """One distillation run: teacher -> student on substitution data, with or without KDCI."""
 
     name: Text = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; outputs go to <output.dir>/<name>/")
-    seed: Int = 0
+    seed: Int = Field(0, ge=0, lt=2**32)
     device: Text = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"

@@ -2,6 +2,7 @@
 
 import faiss  # noqa: F401  (before torch)
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,5 +129,55 @@ def test_distill_config_errors_name_the_field(digits_teacher, tmp_path):
 
 def test_dictionary_larger_than_the_substitution_set_fails_before_training(digits_teacher, noisy_digits, tmp_path):
     cfg = config(digits_teacher, tmp_path, "run", **{"kdci.n": 64, "optim.batch_size": 16})
-    with pytest.raises(ValueError, match="N = 64 prototypes but only 40 substitution samples"):
+    with pytest.raises(ValueError, match="kdci.n = 64 prototypes but the substitution source holds only 40 images"):
         distill(cfg, SubstitutionSet(noisy_digits[:40], seed=0))
+    assert not (tmp_path / "run").exists()
+
+
+class NoisySource(SubstitutionSet):
+    """Draws fresh noise from the *global* torch RNG each batch, as a generator-based method does."""
+
+    def batches(self, epoch, batch_size):
+        for images in super().batches(epoch, batch_size):
+            noise = torch.randint(-40, 41, images.shape, dtype=torch.int16, device=images.device)
+            yield (images.to(torch.int16) + noise).clamp(0, 255).to(torch.uint8)
+
+
+def test_resume_is_exact_for_sources_that_use_the_global_rng(digits_teacher, noisy_digits, tmp_path):
+    overrides = {"optim.epochs": 4, "kdci.n": 4}
+    full = distill(config(digits_teacher, tmp_path, "full", **overrides), NoisySource(noisy_digits[:600], seed=0))
+    cfg = config(digits_teacher, tmp_path, "cut", **overrides)
+    distill(cfg, NoisySource(noisy_digits[:600], seed=0), stop_after_epoch=2)
+    torch.manual_seed(12345)  # whatever the new process did before resuming must not matter
+    resumed = distill(cfg, NoisySource(noisy_digits[:600], seed=0))
+    assert resumed.resumed_from == 2 and _comparable(resumed.history) == _comparable(full.history)
+
+
+def test_resume_refuses_other_data_or_teacher(digits_teacher, noisy_digits, tmp_path):
+    cfg = config(digits_teacher, tmp_path, "run", **{"optim.epochs": 2, "kdci.n": 4})
+    distill(cfg, SubstitutionSet(noisy_digits[:500], seed=0), stop_after_epoch=1)
+    with pytest.raises(ValueError, match="substitution set differs.*fingerprint"):
+        distill(cfg, SubstitutionSet(noisy_digits[500:1000], seed=0))
+    with pytest.raises(ValueError, match="seed: checkpoint 0, now 1"):
+        distill(cfg, SubstitutionSet(noisy_digits[:500], seed=1))
+    # Same path, other content: the checkpoint's dictionary and student belong to the old teacher.
+    other = tmp_path / "teacher_copy.safetensors"
+    weights = load_file(digits_teacher)
+    from safetensors.torch import save_file
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, str(other))
+    Path(str(other).replace(".safetensors", ".json")).write_text(Path(str(digits_teacher).replace(".safetensors", ".json")).read_text())
+    moved = config(other, tmp_path, "run2", **{"optim.epochs": 2, "kdci.n": 4})
+    distill(moved, SubstitutionSet(noisy_digits[:500], seed=0), stop_after_epoch=1)
+    save_file(weights, str(other))
+    with pytest.raises(ValueError, match="teacher weights .* changed"):
+        distill(moved, SubstitutionSet(noisy_digits[:500], seed=0))
+
+
+def test_overwrite_removes_the_earlier_runs_outputs(digits_teacher, noisy_digits, tmp_path):
+    distill(config(digits_teacher, tmp_path, "run", **{"optim.epochs": 1, "kdci.n": 4}), SubstitutionSet(noisy_digits[:300], seed=0))
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    assert (tmp_path / "run" / "dictionary.safetensors").exists()
+    off = config(digits_teacher, tmp_path, "run", **{"optim.epochs": 2, "kdci.enabled": False, "output.overwrite": True})
+    distill(off, SubstitutionSet(noisy_digits[:300], seed=0), stop_after_epoch=1)
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert names == {"checkpoint.pt", "config.yaml", "notes.txt"}  # no stale dictionary or student

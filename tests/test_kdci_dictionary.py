@@ -59,8 +59,13 @@ def test_streaming_build_equals_in_memory_build():
     whole = build_dictionary_from_arrays(x, 6, seed=3, block_rows=10_000)
     chunks = [(None, x[i : i + 700]) for i in range(0, len(x), 700)]
     streamed = build_dictionary(chunks, 6, seed=3)
-    torch.testing.assert_close(streamed.prototypes, whole.prototypes, atol=1e-4, rtol=0)
+    # The training sample depends on (seed, row index) only, so block boundaries change nothing.
+    assert torch.equal(streamed.centroids, whole.centroids)
+    torch.testing.assert_close(streamed.prototypes, whole.prototypes, atol=1e-5, rtol=0)
     assert torch.equal(streamed.counts, whole.counts)
+    sampled = build_dictionary(chunks, 6, seed=3, max_train_points=1000)
+    resampled = build_dictionary([(None, x[i : i + 1300]) for i in range(0, len(x), 1300)], 6, seed=3, max_train_points=1000)
+    assert sampled.meta.train_samples == 1000 and torch.equal(sampled.centroids, resampled.centroids)
 
 
 def test_same_seed_same_dictionary_and_generators_are_refused():
@@ -151,3 +156,20 @@ def test_non_finite_features_are_refused(bad):
         build_dictionary_from_arrays(x, 4)
     with pytest.raises(DictionaryError, match="NaN or inf"):
         build_dictionary_from_arrays(np.abs(x[:, :3]) * 0 + 1, 4, features=x)
+
+
+def test_metadata_accepts_numpy_scalars_and_refuses_objects(tmp_path):
+    x, _, _ = blobs(n=500)
+    d = build_dictionary_from_arrays(x, np.int64(4), seed=np.int64(1), extra={"epoch": np.int64(3), "loss": np.float32(0.5)})
+    e = ConfounderDictionary.load(d.save(tmp_path / "d.safetensors"))
+    assert e.meta.n_requested == 4 and e.meta.extra == {"epoch": 3, "loss": 0.5}
+    with pytest.raises(DictionaryError, match="not JSON"):
+        build_dictionary_from_arrays(x, 4, extra={"when": object()})
+
+
+def test_feature_kind_must_match_the_blocks():
+    x, _, _ = blobs(n=500)
+    with pytest.raises(DictionaryError, match="expects penultimate features"):
+        build_dictionary([(None, x)], 4, feature="penultimate")
+    with pytest.raises(DictionaryError, match="feature='logits' but features were given"):
+        build_dictionary_from_arrays(x, 4, features=x, feature="logits")

@@ -187,3 +187,34 @@ def test_real_students_train_through_kdci(arch):
     loss.backward()
     opt.step()
     assert torch.isfinite(loss) and not torch.equal(before, distiller.intervention.query.weight)
+
+
+def test_uniform_attention_freezes_the_unused_attention_weights():
+    m = make(uniform_attention=True)
+    assert not any(p.requires_grad for p in m.parameters())
+    distiller = Distiller(Tiny(1), Tiny(2), KLDivergenceKD(), m)
+    assert {id(p) for p in distiller.trainable_parameters()} == {id(p) for p in distiller.student.parameters()}
+
+
+def test_intervention_computes_in_fp32_under_bf16_autocast():
+    m = make()
+    s = torch.randn(B, C)
+    reference = m(s)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(s.bfloat16())
+    assert out.logits.dtype == out.compensation.dtype == out.attention.dtype == torch.float32
+    # Only the input's bf16 rounding differs from the fp32 reference.
+    torch.testing.assert_close(out.compensation, m(s.bfloat16().float()).compensation)
+    assert (out.compensation - reference.compensation).abs().max() < 0.05
+
+
+def test_kd_loss_receives_the_raw_logits_too():
+    seen = {}
+
+    def loss(student_logits, teacher_logits, raw_logits=None, **batch):
+        seen["raw"], seen["student"] = raw_logits, student_logits
+        return kd_kl_div(student_logits, teacher_logits)
+
+    distiller = Distiller(Tiny(1), Tiny(2), loss, make()).train()
+    out = distiller(torch.randn(B, 3, 4, 4))
+    assert seen["raw"] is out.logits and seen["student"] is out.compensated and set(out.losses) == {"kd"}

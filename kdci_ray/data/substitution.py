@@ -8,6 +8,7 @@ uninterrupted one without storing any RNG state.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Iterator
 
 import numpy as np
@@ -31,6 +32,7 @@ class SubstitutionSet:
         if len(images) == 0:
             raise ValueError(f"{name}: the substitution set is empty")
         self.images, self.seed, self.name = images, seed, name
+        self._fingerprint = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -49,7 +51,9 @@ class SubstitutionSet:
 
     def steps_per_epoch(self, batch_size: int) -> int:
         n = len(self)
-        return n // batch_size if self._drop_last(batch_size) else -(-n // batch_size)
+        if self._drop_last(batch_size) or (n % batch_size == 1 and n > 1):
+            return n // batch_size  # also never a 1-image last batch: BatchNorm cannot train on it
+        return -(-n // batch_size)
 
     # The distillation loop's source interface -------------------------------------------------
     def begin_epoch(self, epoch: int, distiller) -> None:
@@ -66,8 +70,17 @@ class SubstitutionSet:
         for start in range(0, len(self), batch_size):
             yield self.images[start : start + batch_size]
 
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = hashlib.sha256(self.images.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+        return self._fingerprint
+
     def state_dict(self) -> dict:
-        return {}
+        return {"name": self.name, "size": len(self), "seed": self.seed, "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Nothing to restore, but a run must resume on the same data in the same order."""
+        mine = self.state_dict()
+        if state != mine:
+            diff = ", ".join(f"{k}: checkpoint {state.get(k)!r}, now {v!r}" for k, v in mine.items() if state.get(k) != v)
+            raise ValueError(f"the substitution set differs from the one this run started with ({diff}); use another run name")

@@ -8,8 +8,10 @@ Outputs under `<output.dir>/<name>/`: checkpoint.pt (student, intervention, opti
 dictionary, source state, history, config), and at the end student.safetensors + card,
 dictionary.safetensors, config.yaml, metrics.json.
 
-Exact resume: every epoch's shuffling and augmentation come from generators seeded by (seed, epoch),
-so continuing from a checkpoint reproduces the uninterrupted run.
+Exact resume: every epoch's shuffling and augmentation come from generators seeded by (seed, epoch), and
+the checkpoint carries the global RNG states (torch CPU/CUDA, numpy, Python) for anything that draws from
+them (a synthesizer's noise, dropout), so continuing from a checkpoint reproduces the uninterrupted run
+on the same hardware.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
 
+import numpy as np
 import torch
 
 from ..config import DistillConfig, dump_config
@@ -46,12 +50,20 @@ from .teacher import lr_lambda, make_optimizer
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-# Config fields that may differ between a run and its resumption (they do not change the result).
-_RESUME_FREE = {"device", "precision", "channels_last", "resume", "eval_every", "output"}
+# Config fields a resumption may change: where things are and how they are computed, not what is
+# trained (device and precision can still change the numerics, the way any hardware change does).
+_RESUME_FREE = {"device", "precision", "channels_last", "resume", "eval_every", "output", "data.root", "data.download"}
+# What the loop writes into a run directory (removed by output.overwrite=true, and nothing else).
+_RUN_FILES = ("checkpoint.pt", "checkpoint.pt.tmp", "student.safetensors", "student.json", "dictionary.safetensors", "metrics.json", "config.yaml")
 
 
 class SubstitutionSource(Protocol):
-    """What the loop needs from a DFKD method (or a fixed set): see `kdci_ray.data.SubstitutionSet`."""
+    """What the loop needs from a DFKD method (or a fixed set): see `kdci_ray.data.SubstitutionSet`.
+
+    For exact resume a source draws its randomness from (seed, epoch) generators or the global RNGs
+    (saved in checkpoints), and puts anything else it needs to continue into `state_dict()`;
+    `load_state_dict` should refuse a state that is not its own (another data set or seed).
+    """
 
     def steps_per_epoch(self, batch_size: int) -> int: ...
     def begin_epoch(self, epoch: int, distiller: Distiller) -> None: ...
@@ -94,7 +106,7 @@ class DistillResult:
 def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
     diffs = []
     for key in sorted(set(saved) | set(current)):
-        if not prefix and key in _RESUME_FREE:
+        if f"{prefix}{key}" in _RESUME_FREE:
             continue
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -104,14 +116,20 @@ def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
-def kd_step(distiller: Distiller, optimizer: torch.optim.Optimizer, x: torch.Tensor, runtime: Runtime):
-    """One KD optimisation step on a prepared batch; returns (DistillOutput, total loss). No host sync."""
+def kd_step(distiller: Distiller, optimizer: torch.optim.Optimizer, x: torch.Tensor, runtime: Runtime, scaler=None):
+    """One KD optimisation step on a prepared batch; returns (DistillOutput, total loss). No host sync
+    (except fp16 loss scaling's inf check, which needs one)."""
     with runtime.autocast():
         out = distiller(x)
         loss = total_loss(out.losses)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
     return out, loss
 
 
@@ -126,6 +144,8 @@ class _Run:
         )
         self.teacher = runtime.prepare(self.teacher)
         self.num_classes = card.num_classes
+        if cfg.student.num_classes not in (None, card.num_classes):
+            raise ValueError(f"student.num_classes = {cfg.student.num_classes} but the teacher has {card.num_classes} classes; leave it unset")
         self.mean = list(card.normalize_mean or info.mean)
         self.std = list(card.normalize_std or info.std)
         self.normalize = Normalize(self.mean, self.std).to(runtime.device)
@@ -145,9 +165,13 @@ class _Run:
             ).to(runtime.device)
         self.distiller = Distiller(self.student, self.teacher, KLDivergenceKD(cfg.kd.temperature), self.intervention)
         self.optimizer = make_optimizer(self.distiller, cfg.optim, runtime.device)
+        self.scaler = runtime.grad_scaler()
         self.steps_per_epoch = source.steps_per_epoch(cfg.optim.batch_size)
         if self.steps_per_epoch < 1:
             raise ValueError("the substitution source yields no batches: give it data or lower optim.batch_size")
+        if k.enabled and hasattr(source, "__len__") and len(source) < k.n:
+            # Caught here, not at the first dictionary build (which may come after an expensive synthesis).
+            raise ValueError(f"kdci.n = {k.n} prototypes but the substitution source holds only {len(source)} images; lower kdci.n")
         total = self.steps_per_epoch * cfg.optim.epochs
         warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(total, warmup, cfg.optim.schedule))
@@ -166,7 +190,7 @@ class _Run:
         # Teacher outputs are small (N x C, or N x feature_dim), so one pass is kept and read twice.
         blocks = list(teacher_blocks(self.teacher, self.source.dictionary_images(), self.prepare_input, k.feature, self.runtime.autocast))
         self.dictionary = build_dictionary(
-            blocks, k.n, seed=self.cfg.seed, niter=k.niter, feature=k.feature, pca_dim=k.pca_dim,
+            blocks, k.n, seed=self.cfg.seed, niter=k.niter, nredo=k.nredo, feature=k.feature, pca_dim=k.pca_dim,
             max_train_points=k.max_train_points, teacher=self.teacher_id, dataset=getattr(self.source, "name", ""),
             extra={"epoch": epoch},
         )
@@ -189,27 +213,29 @@ class _Run:
         aug = epoch_generator(cfg.seed + 1, epoch, device)
         sums: dict[str, torch.Tensor] = {}
         entropy = torch.zeros((), device=device)
+        loss_sum = torch.zeros((), device=device)
         steps = seen = 0
         t0 = time.perf_counter()
         for pixels in self.source.batches(epoch, cfg.optim.batch_size):
             pixels = random_crop_flip(pixels, cfg.augment.crop_padding, cfg.augment.hflip, aug)
             x = self.prepare_input(pixels)
-            out, loss = kd_step(self.distiller, self.optimizer, x, self.runtime)
+            out, loss = kd_step(self.distiller, self.optimizer, x, self.runtime, self.scaler)
             self.scheduler.step()
             # Sums stay on the device: one host sync per epoch, not per step.
             for name, value in out.losses.items():
                 sums[name] = sums.get(name, 0) + value.detach().float()
-            sums["loss"] = sums.get("loss", 0) + loss.detach().float()
+            loss_sum += loss.detach().float()
             if out.attention is not None:
                 entropy += attention_entropy(out.attention.detach())
             steps += 1
             seen += x.shape[0]
-        seconds = time.perf_counter() - t0
         if steps == 0:
             raise RuntimeError(f"epoch {epoch}: the substitution source yielded no batches")
         row = {f"train_{name}": float(value) / steps for name, value in sums.items()}
+        row["train_loss"] = float(loss_sum) / steps  # the float() syncs: time the epoch after it
         if self.intervention is not None:
             row["attention_entropy"] = float(entropy) / steps
+        seconds = time.perf_counter() - t0
         row.update(lr=self.scheduler.get_last_lr()[0], images_per_s=seen / seconds, epoch_seconds=seconds)
         if not math.isfinite(row["train_loss"]):
             raise FloatingPointError(f"distill {cfg.name}: loss became {row['train_loss']} in epoch {epoch}; lower optim.lr")
@@ -236,10 +262,18 @@ class _Run:
             "scheduler": self.scheduler.state_dict(),
             "dictionary": None if d is None else {"tensors": d.tensors(), "meta": d.meta_json(), "epoch": self.dictionary_epoch},
             "source": self.source.state_dict(),
+            "teacher_id": self.teacher_id,
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
             "history": history,
         }
 
     def restore(self, state: dict) -> None:
+        if state["teacher_id"] != self.teacher_id:
+            raise ValueError(
+                f"the teacher weights at {self.cfg.teacher.weights} changed since this run's checkpoint "
+                f"(content hash {state['teacher_id']} -> {self.teacher_id}); use another name or set output.overwrite=true"
+            )
         self.student.load_state_dict(state["student"])
         if self.intervention is not None:
             self.intervention.load_state_dict(state["intervention"])
@@ -251,6 +285,30 @@ class _Run:
             self.dictionary = ConfounderDictionary.from_tensors(saved["tensors"], saved["meta"], "checkpoint dictionary")
             self.dictionary_epoch = saved["epoch"]
             self.intervention.set_dictionary(self.dictionary.prototypes, self.dictionary.priors)
+        if state["scaler"] and self.scaler.is_enabled():  # empty when the run was not fp16
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])  # last: nothing after it may draw random numbers before training
+
+
+def rng_state() -> dict:
+    """Global RNG states in types `torch.load(weights_only=True)` accepts (tensors, lists, ints)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": list(random.getstate()),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -292,8 +350,9 @@ def distill(
             "choose another name, or set output.overwrite=true to start over"
         )
     state = None
-    if ckpt_path.is_file() and cfg.output.overwrite:
-        ckpt_path.unlink()  # asked to start over
+    if cfg.output.overwrite:
+        for name in _RUN_FILES:  # asked to start over: remove what an earlier run wrote, nothing else
+            (run_dir / name).unlink(missing_ok=True)
     elif ckpt_path.is_file() and cfg.resume:
         state = load_checkpoint(ckpt_path, cfg)  # before any expensive work
 

@@ -27,6 +27,10 @@ class Runtime:
         module = module.to(self.device)
         return module.to(memory_format=torch.channels_last) if self.channels_last else module
 
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """fp16 needs loss scaling (its small gradients underflow); a disabled scaler is a no-op otherwise."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
     def describe(self) -> str:
         amp = "fp32" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch.")
         return f"{self.device} {amp}{' channels-last' if self.channels_last else ''}"

@@ -86,6 +86,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
         optimizer, lr_lambda(total, round(cfg.optim.warmup_epochs * steps_per_epoch), cfg.optim.schedule)
     )
     aug_gen = torch.Generator(device=runtime.device).manual_seed(cfg.seed + 1)
+    scaler = runtime.grad_scaler()  # a no-op unless precision is fp16
     log.info(
         "train-teacher %s: %s on %s (%d train / %d test), %d epochs x %d steps, %s",
         cfg.name, cfg.model.arch, cfg.data.dataset, len(train_set), len(test_set), cfg.optim.epochs, steps_per_epoch, runtime.describe(),
@@ -108,8 +109,9 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             # Accumulate on the device: no host sync inside the epoch.
             loss_sum += loss.detach() * labels.shape[0]

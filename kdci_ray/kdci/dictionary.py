@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .kmeans import ClusterStats, as_float32, assign, cluster_stats, kmeans, resolve_use_gpu
+from .kmeans import ClusterStats, as_float32, assign, cluster_stats, kmeans, resolve_use_gpu, row_keys
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,9 @@ class DictionaryMeta:
     train_samples: int = 0  # rows k-means was trained on
     seed: int = 0
     niter: int = 20
-    iterations: int = 0  # Lloyd iterations actually run
-    inertia: float = float("nan")  # mean squared distance on the training sample
+    nredo: int = 1  # k-means++ restarts (the best inertia kept)
+    iterations: int = 0  # Lloyd iterations of the kept run
+    inertia: float | None = None  # mean squared distance on the training sample
     pca_dim: int | None = None
     empty_dropped: int = 0
     extra: dict = field(default_factory=dict)
@@ -103,11 +104,19 @@ class ConfounderDictionary:
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta_json: str, source: str = "dictionary") -> "ConfounderDictionary":
         try:
-            meta = DictionaryMeta(**json.loads(meta_json))
-        except (TypeError, ValueError) as exc:
+            raw = json.loads(meta_json)
+        except ValueError as exc:
+            raise DictionaryError(f"{source}: metadata is not JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise DictionaryError(f"{source}: metadata is not a KDCI dictionary's")
+        if isinstance(raw.get("format"), int) and raw["format"] > FORMAT_VERSION:
+            raise DictionaryError(f"{source}: format {raw['format']} is newer than this kdci_ray reads ({FORMAT_VERSION}); upgrade kdci_ray")
+        try:
+            meta = DictionaryMeta(**raw)
+        except TypeError as exc:
             raise DictionaryError(f"{source}: metadata is not a KDCI dictionary's ({exc})") from None
-        if meta.format > FORMAT_VERSION:
-            raise DictionaryError(f"{source}: format {meta.format} is newer than this kdci_ray reads ({FORMAT_VERSION}); upgrade kdci_ray")
+        if meta.feature not in FEATURE_KINDS:
+            raise DictionaryError(f"{source}: unknown feature kind {meta.feature!r}")
         missing = {"prototypes", "priors", "centroids", "counts"} - set(tensors)
         if missing:
             raise DictionaryError(f"{source}: missing tensors {sorted(missing)}")
@@ -123,6 +132,11 @@ class ConfounderDictionary:
         n = d.prototypes.shape[0]
         if d.prototypes.ndim != 2 or d.priors.shape != (n,) or d.counts.shape != (n,) or d.centroids.shape[0] != n:
             raise DictionaryError(f"{source}: inconsistent shapes prototypes {tuple(d.prototypes.shape)}, priors {tuple(d.priors.shape)}")
+        if (d.pca_matrix is None) != (d.pca_bias is None) or (
+            d.pca_matrix is not None
+            and (d.pca_matrix.ndim != 2 or d.pca_bias.shape != (d.pca_matrix.shape[0],) or d.centroids.shape[1] != d.pca_matrix.shape[0])
+        ):
+            raise DictionaryError(f"{source}: inconsistent PCA tensors")
         return d
 
     @classmethod
@@ -159,12 +173,16 @@ def _open_blocks(blocks: Blocks):
     return it
 
 
-def _checked_block(i: int, features, logits) -> tuple[np.ndarray, np.ndarray]:
+def _checked_block(i: int, features, logits, feature: str) -> tuple[np.ndarray, np.ndarray]:
+    if (features is None) != (feature == "logits"):
+        want = "no features (None): the logits are the features" if feature == "logits" else "penultimate features with the logits"
+        raise DictionaryError(f"block {i}: feature={feature!r} expects {want}")
     logits = as_float32(logits)
     feats = logits if features is None else as_float32(features)
     if logits.ndim != 2 or feats.ndim != 2 or len(feats) != len(logits):
         raise DictionaryError(f"block {i}: expected 2-D features and logits with the same rows, got {feats.shape} and {logits.shape}")
-    for name, arr in (("features", feats), ("logits", logits)):
+    checks = (("logits", logits),) if features is None else (("features", feats), ("logits", logits))
+    for name, arr in checks:
         if not np.isfinite(arr).all():
             raise DictionaryError(f"block {i}: teacher {name} contain NaN or inf; check the teacher weights and the substitution images")
     return feats, logits
@@ -176,6 +194,7 @@ def build_dictionary(
     *,
     seed: int = 0,
     niter: int = 20,
+    nredo: int = 3,
     feature: str = "logits",
     pca_dim: int | None = None,
     max_train_points: int = 100_000,
@@ -194,29 +213,43 @@ def build_dictionary(
         raise DictionaryError(f"feature must be one of {', '.join(FEATURE_KINDS)}, got {feature!r}")
     if max_train_points < n:
         raise DictionaryError(f"max_train_points = {max_train_points} < N = {n}: k-means needs at least N training points")
+    if niter < 1 or nredo < 1:
+        raise DictionaryError(f"niter and nredo must be >= 1, got {niter} and {nredo}")
     if pca_dim is not None and pca_dim < 1:
         raise DictionaryError(f"pca_dim must be >= 1 or unset, got {pca_dim}")
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise DictionaryError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    n, seed = int(n), int(seed)
     gpu = resolve_use_gpu(use_gpu)
-    rng = np.random.default_rng(seed)
 
-    # Pass 1: a uniform sample without replacement (keep the rows with the largest random keys).
-    keys = np.empty(0)
-    sample = None
-    total = 0
+    # Pass 1: a uniform sample without replacement: the rows with the largest keys, where a row's key
+    # depends only on (seed, its global index) (see kmeans.row_keys: shards can reproduce it).
+    kept_keys, kept_rows, kept_feats = [], [], []
+    held = total = 0
+
+    def trim(limit: int):
+        keys, rows, feats = np.concatenate(kept_keys), np.concatenate(kept_rows), np.concatenate(kept_feats)
+        if len(keys) > limit:
+            top = np.argpartition(-keys, limit - 1)[:limit]
+            top = top[np.argsort(rows[top])]  # arrival order, independent of argpartition internals
+            keys, rows, feats = keys[top], rows[top], feats[top]
+        return [keys], [rows], [feats]
+
     for i, (features, logits) in enumerate(_open_blocks(blocks)):
-        feats, _ = _checked_block(i, features, logits)
+        feats, _ = _checked_block(i, features, logits, feature)
+        kept_keys.append(row_keys(seed, total, len(feats)))
+        kept_rows.append(np.arange(total, total + len(feats)))
+        kept_feats.append(feats)
         total += len(feats)
-        block_keys = rng.random(len(feats))
-        keys = np.concatenate([keys, block_keys])
-        sample = feats.copy() if sample is None else np.concatenate([sample, feats])
-        if len(keys) > max_train_points:
-            keep = np.argpartition(-keys, max_train_points - 1)[:max_train_points]
-            keep.sort()  # keep arrival order, so the sample does not depend on argpartition internals
-            keys, sample = keys[keep], sample[keep]
+        held += len(feats)
+        if held > 2 * max_train_points:  # trim now and then, not per block: linear, not quadratic
+            kept_keys, kept_rows, kept_feats = trim(max_train_points)
+            held = max_train_points
     if total == 0:
         raise DictionaryError("no substitution data: the blocks were empty")
     if n > total:
         raise DictionaryError(f"N = {n} prototypes but only {total} substitution samples; lower N (kdci.n) or add data")
+    sample = trim(max_train_points)[2][0]
 
     pca_bias = pca_matrix = None
     train = sample
@@ -232,12 +265,12 @@ def build_dictionary(
         pca_bias = torch.from_numpy(faiss.vector_to_array(pca.b).astype(np.float32).copy())
         train = project(sample, pca_matrix, pca_bias)
 
-    centroids, iterations, inertia = kmeans(train, n, niter=niter, seed=seed, use_gpu=gpu)
+    centroids, iterations, inertia = kmeans(train, n, niter=niter, seed=seed, use_gpu=gpu, nredo=nredo)
 
     # Pass 2: assign every sample; sum teacher logits per cluster.
     stats = None
     for i, (features, logits) in enumerate(_open_blocks(blocks)):
-        feats, logits = _checked_block(i, features, logits)
+        feats, logits = _checked_block(i, features, logits, feature)
         feats = project(feats, pca_matrix, pca_bias)
         block = cluster_stats(feats, centroids, gpu, values=logits)
         stats = block if stats is None else stats + block
@@ -246,8 +279,20 @@ def build_dictionary(
         raise DictionaryError(f"the blocks changed between passes ({total} rows, then {int(stats.counts.sum())}); pass a deterministic source")
     return _finish(stats, centroids, total, n, pca_matrix, pca_bias, DictionaryMeta(
         n_requested=n, feature=feature, teacher=teacher, dataset=dataset, samples=total, train_samples=len(train),
-        seed=seed, niter=niter, iterations=iterations, inertia=inertia, pca_dim=pca_dim, extra=dict(extra or {}),
+        seed=seed, niter=int(niter), nredo=int(nredo), iterations=iterations, inertia=float(inertia), pca_dim=None if pca_dim is None else int(pca_dim),
+        extra=_jsonable(extra or {}),
     ))
+
+
+def _jsonable(extra: dict) -> dict:
+    """Metadata must survive JSON: numpy scalars become Python numbers; anything else is refused."""
+
+    def convert(value):
+        if isinstance(value, np.generic):
+            return value.item()
+        raise DictionaryError(f"dictionary metadata 'extra' holds a {type(value).__name__}, which is not JSON; pass numbers and strings")
+
+    return json.loads(json.dumps(extra, default=convert))
 
 
 def _finish(stats: ClusterStats, centroids: np.ndarray, total: int, n: int, pca_matrix, pca_bias, meta: DictionaryMeta) -> ConfounderDictionary:
@@ -276,8 +321,9 @@ def build_dictionary_from_arrays(
     feats = None if features is None else as_float32(features)
     if feats is not None and len(feats) != len(logits):
         raise DictionaryError(f"{len(feats)} feature rows but {len(logits)} logit rows")
-    if "feature" not in kwargs:
-        kwargs["feature"] = "logits" if feats is None else "penultimate"
+    kind = "logits" if feats is None else "penultimate"
+    if kwargs.setdefault("feature", kind) in FEATURE_KINDS and kwargs["feature"] != kind:
+        raise DictionaryError(f"feature={kwargs['feature']!r} but features were {'not ' if feats is None else ''}given")
 
     def blocks():
         for start in range(0, len(logits), block_rows):

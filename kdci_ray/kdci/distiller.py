@@ -82,7 +82,8 @@ class Distiller(nn.Module):
         compensated = s
         if self.intervention is not None:
             compensated, attention, _ = self.intervention(s)
-        losses = self.kd_loss(compensated, t, **batch)
+        # The baseline's KD term sees s'; its other student terms may need the raw s ("unchanged").
+        losses = self.kd_loss(compensated, t, raw_logits=s, **batch)
         if isinstance(losses, torch.Tensor):
             losses = {"kd": losses}
         return DistillOutput(s, compensated, dict(losses), attention)

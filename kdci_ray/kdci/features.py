@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import Callable, Iterable, Iterator
 
@@ -36,7 +37,7 @@ def teacher_blocks(
     try:
         for batch in images:
             x = prepare(batch)
-            with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
+            with autocast() if autocast is not None else contextlib.nullcontext():
                 if feature == "logits":
                     logits, feats = teacher(x), None
                 else:

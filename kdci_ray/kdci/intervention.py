@@ -8,6 +8,9 @@
 The dictionary (z, P(z)) is a constant: it lives in non-persistent buffers that receive no gradient and
 is swapped in with `set_dictionary` whenever it is rebuilt (N may change; the learned weights do not
 depend on N). Gradients flow through F into W_q, W_k, w and, through the query, into the student.
+
+It always computes in fp32, also inside a bf16 autocast region: the work is only (B, N, h), and bf16
+scores would move lambda by several percent.
 """
 
 from __future__ import annotations
@@ -66,6 +69,10 @@ class CausalIntervention(nn.Module):
         # The dot-product variant has no score vector; keeping the parameter set fixed per kind keeps
         # checkpoints of one kind loadable, and an unused parameter would confuse DDP.
         self.score = nn.Linear(hidden, 1, bias=False) if attention == "additive" else None
+        if uniform_attention:
+            # lambda = 1/N ignores the attention weights: freeze them, so no optimizer or DDP waits on them.
+            for p in self.parameters():
+                p.requires_grad_(False)
         self.register_buffer("prototypes", torch.zeros(0, num_classes), persistent=False)
         self.register_buffer("priors", torch.zeros(0), persistent=False)
 
@@ -102,7 +109,7 @@ class CausalIntervention(nn.Module):
         if self.uniform_attention:
             return torch.full((logits.shape[0], n), 1.0 / n, device=logits.device, dtype=torch.float32)
         q = self.query(logits)  # (B, h)
-        k = self.key(self.prototypes.to(q.dtype))  # (N, h)
+        k = self.key(self.prototypes)  # (N, h)
         if self.attention_kind == "additive":
             scores = self.score(torch.tanh(q[:, None, :] + k[None, :, :])).squeeze(-1)  # (B, N)
         else:
@@ -112,7 +119,9 @@ class CausalIntervention(nn.Module):
     def forward(self, logits: torch.Tensor) -> InterventionOutput:
         if not self.has_dictionary:
             raise RuntimeError("CausalIntervention has no dictionary yet: call set_dictionary() first")
-        lam = self.attention(logits)
-        weights = lam * self.priors if self.use_prior else lam  # (B, N)
-        compensation = weights @ self.prototypes  # (B, C)
-        return InterventionOutput(logits.float() + self.alpha * compensation, lam, compensation)
+        with torch.autocast(logits.device.type, enabled=False):
+            s = logits.float()
+            lam = self.attention(s)
+            weights = lam * self.priors if self.use_prior else lam  # (B, N)
+            compensation = weights @ self.prototypes  # (B, C)
+            return InterventionOutput(s + self.alpha * compensation, lam, compensation)

@@ -4,9 +4,13 @@ The single-process dictionary build and the distributed one (Ray actors holding 
 updating centroids, as in faiss's distributed k-means example) call the same three functions, so the
 two give the same centroids for the same init. k-means++ seeding comes from scikit-learn.
 
-Empty clusters are handled deterministically, as faiss does: an empty centroid takes a copy of the
-most populated cluster's centroid (lowest index on ties), and the two are nudged apart by a relative
-1/1024 in alternating directions per dimension; the donor's count is halved for the next empty one.
+Empty clusters are handled deterministically (faiss splits a randomly chosen big cluster; we take no
+randomness here, so shards and drivers agree): an empty centroid takes a copy of the most populated
+cluster's centroid (lowest index on ties), and the two are nudged apart by 1/1024 of each coordinate's
+magnitude in alternating directions per dimension; the donor's count is halved for the next empty one.
+
+The training sample is chosen by per-row random keys that depend only on (seed, global row index), so a
+sharded job that knows each shard's row offset draws exactly the same sample.
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ def _flat_index(dim: int, use_gpu: bool) -> faiss.Index:
     if use_gpu:
         if _gpu_resources is None:  # one allocation per process; creating it per call costs ~100 ms
             _gpu_resources = faiss.StandardGpuResources()
-        return faiss.GpuIndexFlatL2(_gpu_resources, dim)
+        config = faiss.GpuIndexFlatConfig()
+        # The GPU this process computes on (a Ray worker sees only its own), not always GPU 0.
+        config.device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        return faiss.GpuIndexFlatL2(_gpu_resources, dim, config)
     return faiss.IndexFlatL2(dim)
 
 
@@ -56,9 +63,29 @@ def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False) -> tuple
     return labels[:, 0].astype(np.int64), dist[:, 0]
 
 
+def row_keys(seed: int, start: int, count: int) -> np.ndarray:
+    """Uniform [0, 1) keys for global rows start..start+count-1, a pure function of (seed, row index).
+
+    A splitmix64 hash of the row counter: any shard can compute its rows' keys without the others.
+    """
+    with np.errstate(over="ignore"):
+        z = (np.arange(start, start + count, dtype=np.uint64) + np.uint64(seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15))
+        z = z * np.uint64(0xBF58476D1CE4E5B9) + np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
 @dataclass
 class ClusterStats:
-    """What one block of data contributes to a Lloyd step; blocks add up exactly (sums are float64)."""
+    """What one block of data contributes to a Lloyd step.
+
+    Blocks add up (sums are float64, so different groupings agree to float64 rounding; reduce shards in
+    a fixed order for bit-equal results).
+    """
 
     sums: np.ndarray  # (k, d) float64
     counts: np.ndarray  # (k,) int64
@@ -115,23 +142,28 @@ def kmeans(
     seed: int = 0,
     use_gpu: bool = False,
     init: np.ndarray | None = None,
+    nredo: int = 1,
 ) -> tuple[np.ndarray, int, float]:
     """Lloyd k-means on an in-memory block: (centroids, iterations run, mean squared distance).
 
-    Stops early once the centroids no longer change (then the assignment is a fixed point).
+    With `nredo` > 1, runs from that many k-means++ seedings (seed, seed+1, ...) and keeps the lowest
+    inertia (faiss's `nredo`): one unlucky seeding can merge two clusters and split another.
+    Each run stops early once the centroids no longer change (the assignment is then a fixed point).
     """
     x = as_float32(x)
     if k > len(x):
         raise ValueError(f"k-means: {k} clusters but only {len(x)} points")
-    centroids = kmeans_plusplus(x, k, seed) if init is None else as_float32(init)
-    stats = None
-    iterations = 0
-    for iterations in range(1, niter + 1):
-        stats = cluster_stats(x, centroids, use_gpu)
-        updated = update_centroids(stats, centroids)
-        converged = np.array_equal(updated, centroids)
-        centroids = updated
-        if converged:
-            break
-    inertia = cluster_stats(x, centroids, use_gpu).inertia / len(x) if stats is not None else float("nan")
-    return centroids, iterations, inertia
+    best = None
+    for redo in range(1 if init is not None else nredo):
+        centroids = kmeans_plusplus(x, k, seed + redo) if init is None else as_float32(init)
+        iterations = 0
+        for iterations in range(1, niter + 1):
+            updated = update_centroids(cluster_stats(x, centroids, use_gpu), centroids)
+            converged = np.array_equal(updated, centroids)
+            centroids = updated
+            if converged:
+                break
+        inertia = cluster_stats(x, centroids, use_gpu).inertia / len(x)
+        if best is None or inertia < best[2]:
+            best = (centroids, iterations, inertia)
+    return best
