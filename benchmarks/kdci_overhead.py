@@ -2,8 +2,8 @@
 
 Both arms run the loop's own `kd_step` (teacher forward, student forward + backward, optimizer step) on
 the same random uint8 batch; the KDCI arm adds the intervention (additive attention over an N-prototype
-dictionary built with the real builder from the teacher's logits). Arms alternate (ABAB...) so drift
-hits both; the reported time is the median over repeats of the mean step time.
+dictionary built with the real builder from the teacher's logits). Arms alternate in ABBA order so
+warm-up and drift hit both; the reported time is the median over repeats of the mean step time.
 
 Memory: on CUDA, peak `max_memory_allocated` during the arm's steps; on the CPU, the peak RSS of a
 separate process per arm (PyTorch's CPU allocator has no peak counter).
@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from kdci_ray.engine.distill import kd_step
 from kdci_ray.engine.runtime import resolve_runtime
@@ -54,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=32, help="dictionary size N")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
@@ -152,9 +153,19 @@ def main(argv=None) -> dict:
         run_steps(arm, x, runtime, args.warmup)
     sync(runtime)
 
+    # FLOPs of one step (matmuls and convolutions, forward + backward): hardware-independent, and it
+    # tells timing noise apart from real cost on a busy CPU.
+    flops = {}
+    for kind, arm in arms.items():
+        with FlopCounterMode(display=False) as counter:
+            run_steps(arm, x, runtime, 1)
+        flops[kind] = counter.get_total_flops()
+
     times = {kind: [] for kind in arms}
-    for _ in range(args.repeats):
-        for kind, arm in arms.items():
+    for repeat in range(args.repeats):
+        # ABBA order: whichever arm runs first in a repeat pays for caches and clocks settling.
+        order = list(arms.items()) if repeat % 2 == 0 else list(arms.items())[::-1]
+        for kind, arm in order:
             sync(runtime)
             t0 = time.perf_counter()
             run_steps(arm, x, runtime, args.steps)
@@ -193,6 +204,9 @@ def main(argv=None) -> dict:
         "baseline_step_ms": round(base_ms, 3),
         "kdci_step_ms": round(kdci_ms, 3),
         "time_overhead_pct": round(100 * (kdci_ms - base_ms) / base_ms, 2),
+        "baseline_gflop_per_step": round(flops["baseline"] / 1e9, 3),
+        "kdci_gflop_per_step": round(flops["kdci"] / 1e9, 3),
+        "flop_overhead_pct": round(100 * (flops["kdci"] - flops["baseline"]) / flops["baseline"], 4),
         "baseline_step_ms_all": [round(t, 3) for t in times["baseline"]],
         "kdci_step_ms_all": [round(t, 3) for t in times["kdci"]],
         "memory_kind": memory_kind,
@@ -207,7 +221,9 @@ def main(argv=None) -> dict:
     print(f"{'arm':<10}{'step ms':>10}{'peak MB':>10}")
     print(f"{'baseline':<10}{base_ms:>10.2f}{memory['baseline']:>10.1f}")
     print(f"{'kdci':<10}{kdci_ms:>10.2f}{memory['kdci']:>10.1f}")
-    print(f"overhead: time {result['time_overhead_pct']:+.2f} %, memory {result['memory_overhead_pct']:+.2f} % "
+    print(f"{'flops':<10}{flops['baseline'] / 1e9:>10.2f}{flops['kdci'] / 1e9:>10.2f}  GFLOP/step (baseline, kdci)")
+    print(f"overhead: time {result['time_overhead_pct']:+.2f} %, memory {result['memory_overhead_pct']:+.2f} %, "
+          f"FLOPs {result['flop_overhead_pct']:+.4f} % "
           f"({result['runtime']}, batch {args.batch}, N {dictionary.n}; paper: < 3.3 %)")
     out = Path(args.out) if args.out else (
         Path(os.environ["OUT"]) / "kdci_overhead.json" if os.environ.get("OUT")
