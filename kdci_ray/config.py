@@ -86,15 +86,20 @@ class OutputConfig(Section):
     overwrite: bool = Field(False, description="replace existing weights of the same name")
 
 
-class TeacherTrainConfig(Section):
-    """`kdci-ray train-teacher`: supervised training of a classifier on labelled data."""
+class RunConfig(Section):
+    """What every run has: a name, a seed, where and how it computes, how often it evaluates."""
 
-    name: Text = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; weights are <output.dir>/<name>.safetensors")
+    name: Text = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name: names its outputs under output.dir")
     seed: Int = Field(0, ge=0, lt=2**32)
     device: Text = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
-    eval_every: Int = Field(1, ge=1, description="evaluate on the test split every N epochs (and at the end)")
+    eval_every: Int = Field(1, ge=1, description="evaluate on the labelled test split every N epochs (and at the end)")
+
+
+class TeacherTrainConfig(RunConfig):
+    """`kdci-ray train-teacher`: supervised training of a classifier on labelled data (<output.dir>/<name>.safetensors)."""
+
     data: DataConfig
     model: ModelConfig
     optim: OptimConfig = OptimConfig()
@@ -135,15 +140,9 @@ class KDCIConfig(Section):
         return self
 
 
-class DistillConfig(Section):
-    """One distillation run: teacher -> student on substitution data, with or without KDCI."""
+class DistillConfig(RunConfig):
+    """One distillation run (outputs in <output.dir>/<name>/): teacher -> student on substitution data, with or without KDCI."""
 
-    name: Text = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; outputs go to <output.dir>/<name>/")
-    seed: Int = Field(0, ge=0, lt=2**32)
-    device: Text = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: Literal["auto", "on", "off"] = "auto"
-    eval_every: Int = Field(1, ge=1, description="evaluate on the labelled test split every N epochs (and at the end)")
     resume: bool = Field(True, description="continue from <output.dir>/<name>/checkpoint.pt when it exists")
     data: DataConfig = Field(description="the teacher's original dataset: its labelled test split scores the student")
     teacher: TeacherConfig
