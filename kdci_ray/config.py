@@ -28,6 +28,13 @@ def _number_to_str(value: Any) -> Any:
 
 #: A string field that also takes a YAML number as its text.
 Text = Annotated[str, BeforeValidator(_number_to_str)]
+def _switch_from_bool(value: Any) -> Any:
+    # YAML 1.1 reads a bare `on` / `off` as true / false: `--set channels_last=on` must still mean "on".
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+#: "auto" / "on" / "off", also written as a YAML boolean.
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch_from_bool)]
 #: An int field that refuses booleans and floats (`epochs: true` is a mistake, not 1).
 Int = Annotated[int, Strict()]
 
@@ -93,7 +100,7 @@ class RunConfig(Section):
     seed: Int = Field(0, ge=0, lt=2**32)
     device: Text = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: Literal["auto", "on", "off"] = "auto"
+    channels_last: Switch = "auto"
     eval_every: Int = Field(1, ge=1, description="evaluate on the labelled test split every N epochs (and at the end)")
 
 

@@ -64,3 +64,14 @@ def test_structural_errors(tmp_path):
         load_config(CONFIGS / "teacher-digits.yaml", TeacherTrainConfig, ["optim.lr"])
     with pytest.raises(ConfigError, match="is a value, not a section"):
         load_config(CONFIGS / "teacher-digits.yaml", TeacherTrainConfig, ["name.x=1"])
+
+
+def test_on_off_switches_survive_yaml_booleans():
+    """YAML reads `on`/`off` as booleans; `--set channels_last=on` must still mean "on"."""
+    from kdci_ray.config import TeacherTrainConfig, apply_overrides, validate_config
+
+    raw = {"name": "t", "data": {"dataset": "digits"}, "model": {"arch": "digits_cnn"}}
+    assert validate_config(TeacherTrainConfig, apply_overrides(dict(raw), ["channels_last=on"])).channels_last == "on"
+    assert validate_config(TeacherTrainConfig, apply_overrides(dict(raw), ["channels_last=off"])).channels_last == "off"
+    with pytest.raises(ConfigError, match="channels_last = 'sometimes'"):
+        validate_config(TeacherTrainConfig, apply_overrides(dict(raw), ["channels_last=sometimes"]))
