@@ -220,6 +220,7 @@ def build_dictionary(
     if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise DictionaryError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     n, seed = int(n), int(seed)
+    extra = _jsonable(extra or {})  # checked now, not after the k-means work
     gpu = resolve_use_gpu(use_gpu)
 
     # Pass 1: a uniform sample without replacement: the rows with the largest keys, where a row's key
@@ -259,7 +260,6 @@ def build_dictionary(
             raise DictionaryError(f"pca_dim = {pca_dim} exceeds the feature dimension {d_in}")
         pca = faiss.PCAMatrix(d_in, pca_dim)
         pca.train(sample)
-        # faiss stores x -> A (x - mean) with A (d_out x d_in) row-major in pca.A.
         # After training faiss holds the projection as y = A x + b, A of shape (pca_dim, d_in).
         pca_matrix = torch.from_numpy(faiss.vector_to_array(pca.A).astype(np.float32).reshape(pca_dim, d_in).copy())
         pca_bias = torch.from_numpy(faiss.vector_to_array(pca.b).astype(np.float32).copy())
@@ -280,7 +280,7 @@ def build_dictionary(
     return _finish(stats, centroids, total, n, pca_matrix, pca_bias, DictionaryMeta(
         n_requested=n, feature=feature, teacher=teacher, dataset=dataset, samples=total, train_samples=len(train),
         seed=seed, niter=int(niter), nredo=int(nredo), iterations=iterations, inertia=float(inertia), pca_dim=None if pca_dim is None else int(pca_dim),
-        extra=_jsonable(extra or {}),
+        extra=extra,
     ))
 
 
