@@ -8,3 +8,7 @@ except ImportError:  # pragma: no cover - faiss is a declared dependency; only t
     pass
 
 __version__ = "0.1.0"
+
+# Registers the DFKD methods and their config schemas, so any `DistillConfig` can validate its
+# `synthesis:` section however kdci_ray was imported.
+from . import synthesis as _synthesis  # noqa: E402,F401

@@ -49,6 +49,25 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .config import DistillConfig, load_config
+    from .engine.distill import distill_from_config
+
+    cfg = load_config(args.config, DistillConfig, args.set)
+    if cfg.synthesis is None:
+        raise ValueError(f"{args.config} has no `synthesis:` section; name a DFKD method (see configs/<method>-*.yaml)")
+    result = distill_from_config(cfg)
+    final = result.final
+    summary = {
+        "run_dir": str(result.run_dir), "method": cfg.synthesis.method, "kdci": cfg.kdci.enabled, "epochs": result.epoch,
+        "finished": result.finished, "resumed_from": result.resumed_from, "test_top1": final.get("test_top1"),
+    }
+    if cfg.kdci.enabled:
+        summary["test_top1_compensated"] = final.get("test_top1_compensated")
+    print(json.dumps(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdci-ray", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result line")
@@ -73,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--config", required=True, help="YAML config (see configs/teacher-*.yaml)")
     tt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. optim.epochs=5")
     tt.set_defaults(func=cmd_train_teacher)
+
+    di = sub.add_parser(
+        "distill", help="data-free KD of a student with a DFKD method, with or without KDCI; resumes a run of the same name"
+    )
+    di.add_argument("--config", required=True, help="YAML config (see configs/<method>-<dataset>-<teacher>-<student>.yaml)")
+    di.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. kdci.enabled=false")
+    di.set_defaults(func=cmd_distill)
     return parser
 
 

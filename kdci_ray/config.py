@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, Strict, ValidationError, field_validator, model_validator,
+)
 
 from .data import DATASETS
 from .models import classifier_names
+from .registry import Registry
 
 
 class ConfigError(ValueError):
@@ -147,6 +150,55 @@ class KDCIConfig(Section):
         return self
 
 
+class SynthesisConfig(Section):
+    """What every DFKD method's settings share. Each method file subclasses this with its own fields
+    (losses, weights, schedules) and registers the subclass in `SYNTHESIS_CONFIGS` under its name, so a
+    config's `synthesis:` section is validated against the chosen method's schema.
+
+    Schedule: an epoch is `calls_per_epoch` synthesis calls, each followed by `kd_steps_per_call` KD
+    steps (the public code's ep_steps / kd_steps); `warmup_calls` synthesis-only calls run before the
+    first KD step.
+    """
+
+    method: Text = Field(description="registered DFKD method (dafl, deepinv, fast, cmi, ...)")
+    batch_size: Int = Field(256, ge=1, description="images made per synthesis call")
+    pool_size: Int = Field(65536, ge=1, description="in-memory image pool bound; the oldest images leave first")
+    calls_per_epoch: Int = Field(1, ge=1, description="synthesis calls per KD epoch")
+    kd_steps_per_call: Int = Field(400, ge=1, description="KD steps after each synthesis call")
+    warmup_calls: Int = Field(0, ge=0, description="synthesis-only calls before the first KD step")
+    g_steps: Int = Field(1, ge=1, description="optimisation steps inside one synthesis call")
+    lr_g: float = Field(1e-3, gt=0, description="learning rate of the synthesis optimiser")
+    export_pool: bool = Field(False, description="write the final pool to <run dir>/pool.parquet")
+
+
+#: method name -> its SynthesisConfig subclass (filled by the method files in kdci_ray.synthesis).
+SYNTHESIS_CONFIGS: Registry = Registry("synthesis method")
+
+
+def _synthesis_schema(value: Any) -> Any:
+    if value is None or isinstance(value, SynthesisConfig):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError("must be a mapping with a `method` key")
+    if "method" not in value:
+        raise ValueError(f"`method` is required; known methods: {', '.join(SYNTHESIS_CONFIGS.names())}")
+    method = str(value["method"])
+    if method not in SYNTHESIS_CONFIGS:
+        raise ValueError(SYNTHESIS_CONFIGS.unknown_message(method))
+    try:
+        return SYNTHESIS_CONFIGS.get(method).model_validate(value)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown key for method {method!r} (check the spelling)"
+            given = "" if err["type"] == "missing" or isinstance(err.get("input"), dict) else f" = {err.get('input')!r}"
+            problems.append(f"{where}{given}: {msg}")
+        raise ValueError("; ".join(problems)) from None
+
+
 class DistillConfig(RunConfig):
     """One distillation run (outputs in <output.dir>/<name>/): teacher -> student on substitution data, with or without KDCI."""
 
@@ -159,6 +211,10 @@ class DistillConfig(RunConfig):
     optim: OptimConfig = OptimConfig()
     augment: AugmentConfig = Field(AugmentConfig(), description="applied to substitution images before KD")
     output: OutputConfig = OutputConfig(dir=Path("runs/distill"))
+    # Validated against the chosen method's schema; SerializeAsAny keeps the method's own fields on dump.
+    synthesis: Annotated[SerializeAsAny[SynthesisConfig] | None, BeforeValidator(_synthesis_schema)] = Field(
+        None, description="the DFKD method that makes the substitution data (None: data given in code)"
+    )
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -52,17 +52,26 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 # Config fields a resumption may change: where things are and how they are computed, not what is
 # trained (device and precision can still change the numerics, the way any hardware change does).
-_RESUME_FREE = {"device", "precision", "channels_last", "resume", "eval_every", "output", "data.root", "data.download"}
+_RESUME_FREE = {
+    "device", "precision", "channels_last", "resume", "eval_every", "output", "data.root", "data.download", "synthesis.export_pool",
+}
 # What the loop writes into a run directory (removed by output.overwrite=true, and nothing else).
-_RUN_FILES = ("checkpoint.pt", "checkpoint.pt.tmp", "student.safetensors", "student.json", "dictionary.safetensors", "metrics.json", "config.yaml")
+_RUN_FILES = (
+    "checkpoint.pt", "checkpoint.pt.tmp", "student.safetensors", "student.json", "dictionary.safetensors", "metrics.json",
+    "config.yaml", "pool.parquet",
+)
 
 
 class SubstitutionSource(Protocol):
-    """What the loop needs from a DFKD method (or a fixed set): see `kdci_ray.data.SubstitutionSet`.
+    """What the loop needs from a DFKD method (`kdci_ray.synthesis.Synthesizer`) or a fixed set
+    (`kdci_ray.data.SubstitutionSet`).
 
     For exact resume a source draws its randomness from (seed, epoch) generators or the global RNGs
     (saved in checkpoints), and puts anything else it needs to continue into `state_dict()`;
     `load_state_dict` should refuse a state that is not its own (another data set or seed).
+    Optional: `attach(distiller, normalize, runtime)` (called once the models exist: a synthesizer reads
+    the distiller's raw student from it), `epoch_metrics()` (merged into the epoch's row),
+    `min_dictionary_images()` (checked against kdci.n up front), `to_parquet(path)` (pool export).
     """
 
     def steps_per_epoch(self, batch_size: int) -> int: ...
@@ -164,14 +173,22 @@ class _Run:
                 self.num_classes, k.hidden, k.attention, k.alpha, k.uniform_attention, k.use_prior, k.random_prototypes, seed=cfg.seed
             ).to(runtime.device)
         self.distiller = Distiller(self.student, self.teacher, KLDivergenceKD(cfg.kd.temperature), self.intervention)
+        if hasattr(source, "attach"):
+            source.attach(self.distiller, self.normalize, runtime)
         self.optimizer = make_optimizer(self.distiller, cfg.optim, runtime.device)
         self.scaler = runtime.grad_scaler()
         self.steps_per_epoch = source.steps_per_epoch(cfg.optim.batch_size)
         if self.steps_per_epoch < 1:
             raise ValueError("the substitution source yields no batches: give it data or lower optim.batch_size")
-        if k.enabled and hasattr(source, "__len__") and len(source) < k.n:
+        available = source.min_dictionary_images() if hasattr(source, "min_dictionary_images") else (
+            len(source) if hasattr(source, "__len__") else None
+        )
+        if k.enabled and available is not None and available < k.n:
             # Caught here, not at the first dictionary build (which may come after an expensive synthesis).
-            raise ValueError(f"kdci.n = {k.n} prototypes but the substitution source holds only {len(source)} images; lower kdci.n")
+            raise ValueError(
+                f"kdci.n = {k.n} prototypes but the substitution source has only {available} images when the dictionary is "
+                "first built; lower kdci.n (or synthesize more before KD: synthesis.warmup_calls / batch_size)"
+            )
         total = self.steps_per_epoch * cfg.optim.epochs
         warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(total, warmup, cfg.optim.schedule))
@@ -233,6 +250,8 @@ class _Run:
             raise RuntimeError(f"epoch {epoch}: the substitution source yielded no batches")
         row = {f"train_{name}": float(value) / steps for name, value in sums.items()}
         row["train_loss"] = float(loss_sum) / steps  # the float() syncs: time the epoch after it
+        if hasattr(self.source, "epoch_metrics"):
+            row.update(self.source.epoch_metrics())
         if self.intervention is not None:
             row["attention_entropy"] = float(entropy) / steps
         seconds = time.perf_counter() - t0
@@ -376,9 +395,10 @@ def distill(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     log.info(
-        "distill %s: %s -> %s, KDCI %s, %d substitution images, %d epochs x %d steps, %s",
+        "distill %s: %s -> %s, KDCI %s, substitution data %s (%d images now), %d epochs x %d steps, %s",
         cfg.name, cfg.teacher.arch, cfg.student.arch, f"on (N={cfg.kdci.n}, alpha={cfg.kdci.alpha})" if cfg.kdci.enabled else "off",
-        len(source) if hasattr(source, "__len__") else -1, cfg.optim.epochs, run.steps_per_epoch, runtime.describe(),
+        getattr(source, "name", type(source).__name__), len(source) if hasattr(source, "__len__") else -1,
+        cfg.optim.epochs, run.steps_per_epoch, runtime.describe(),
     )
     for epoch in range(start, cfg.optim.epochs + 1):
         source.begin_epoch(epoch, run.distiller)
@@ -421,5 +441,23 @@ def _finished(run: _Run, result: DistillResult) -> DistillResult:
     )
     if run.dictionary is not None:
         result.dictionary_path = run.dictionary.save(run_dir / "dictionary.safetensors")
+    if cfg.synthesis is not None and cfg.synthesis.export_pool and hasattr(run.source, "to_parquet"):
+        run.source.to_parquet(run_dir / "pool.parquet", {"run": cfg.name, "teacher_id": run.teacher_id})
     (run_dir / "metrics.json").write_text(json.dumps(result.history, indent=1))
     return result
+
+
+def make_source(cfg: DistillConfig) -> SubstitutionSource:
+    """The substitution source a config names: its `synthesis` method, bound to the run's models later."""
+    from ..synthesis import create_synthesizer
+
+    if cfg.synthesis is None:
+        raise ValueError("the config has no `synthesis:` section: name a DFKD method (synthesis.method: dafl | deepinv | fast | cmi)")
+    info = dataset_info(cfg.data.dataset)
+    image_shape = (info.channels, info.image_size, info.image_size)
+    return create_synthesizer(cfg.synthesis, image_shape, cfg.teacher.num_classes or info.num_classes, seed=cfg.seed)
+
+
+def distill_from_config(cfg: DistillConfig, logger: RunLogger | None = None, stop_after_epoch: int | None = None) -> DistillResult:
+    """`distill()` with the substitution data made by the config's DFKD method."""
+    return distill(cfg, make_source(cfg), logger, stop_after_epoch)

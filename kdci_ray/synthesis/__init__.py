@@ -1,0 +1,32 @@
+"""DFKD methods as plug-ins that make substitution data: one file per method, registered by name.
+
+`create_synthesizer(cfg.synthesis, image_shape, num_classes, seed)` builds one; the distillation loop
+binds it to the teacher and the raw student and drives it (see `base.Synthesizer`). Registered:
+dafl, deepinv, fast, cmi. Pools export to / import from Parquet (`pool.read_pool_parquet`).
+"""
+
+from __future__ import annotations
+
+from . import cmi as _cmi  # noqa: F401  (registers)
+from . import dafl as _dafl  # noqa: F401
+from . import deepinv as _deepinv  # noqa: F401
+from . import fast as _fast  # noqa: F401
+from .base import BestIterate, CallRandom, Synthesizer, synthesis_mode
+from .hooks import BNStatistics
+from .pool import ImagePool, PoolData, read_pool_parquet, write_pool_parquet
+from .registry import SYNTHESIZERS, create_synthesizer, register_method
+
+__all__ = [
+    "SYNTHESIZERS",
+    "BNStatistics",
+    "BestIterate",
+    "CallRandom",
+    "ImagePool",
+    "PoolData",
+    "Synthesizer",
+    "create_synthesizer",
+    "read_pool_parquet",
+    "register_method",
+    "synthesis_mode",
+    "write_pool_parquet",
+]

@@ -1,0 +1,248 @@
+"""The contract every DFKD method implements, in the spirit of the public `synthesize()` / `sample()` split.
+
+A method subclasses `Synthesizer` and writes two things:
+  - `synthesize(rng)`: one synthesis call (the method's optimisation); it adds images to `self.pool`
+    with `self.add_to_pool(...)` and returns its loss terms (device tensors, no host sync);
+  - optionally `sample(batch_size, generator)`: a KD batch (default: uniform draws from the pool;
+    DAFL draws fresh generator samples instead), `setup()` to build generators and optimisers once the
+    teacher and student are known, and `extra_state()` / `load_extra_state()` for what a checkpoint
+    must carry (generator, optimisers, memory banks).
+
+The base class turns that into the distillation loop's substitution source (see
+`kdci_ray.engine.distill.SubstitutionSource`): the first call of an epoch runs in `begin_epoch` (so the
+KDCI dictionary is built from a fresh pool), the rest interleave with KD steps inside `batches`.
+Every call draws its randomness from generators seeded by (seed, call index), so a fixed seed gives the
+same images and a resumed run continues exactly. The method gets the *raw* student (the distiller's
+`student`, never the teacher, never KDCI's compensated logits) for its adversarial terms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..config import SynthesisConfig
+from ..data import epoch_generator
+from .pool import ImagePool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CallRandom:
+    """The random sources of one synthesis call: `device` for tensors on the training device, `cpu` for
+    per-batch decisions that would otherwise need a device->host sync."""
+
+    device: torch.Generator
+    cpu: torch.Generator
+
+
+class BestIterate:
+    """Keeps the iterate with the lowest loss seen so far (the public code's `best_inputs` rule), on the
+    device and without a host sync: each update is a `torch.where` on a 0-d comparison."""
+
+    def __init__(self):
+        self.loss: torch.Tensor | None = None
+        self.values: tuple[torch.Tensor, ...] = ()
+
+    def update(self, loss: torch.Tensor, *values: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        values = tuple(v.detach() for v in values)
+        if self.loss is None:
+            self.loss, self.values = loss, tuple(v.clone() for v in values)
+            return
+        better = loss < self.loss
+        self.values = tuple(torch.where(better, new, old) for new, old in zip(values, self.values))
+        self.loss = torch.minimum(loss, self.loss)
+
+
+@contextlib.contextmanager
+def synthesis_mode(*models: nn.Module):
+    """Eval mode and no parameter gradients for the teacher/student during synthesis (gradients still
+    flow *through* them to the images); both restored afterwards."""
+    saved = [(m, m.training, [(p, p.requires_grad) for p in m.parameters()]) for m in models]
+    try:
+        for m in models:
+            m.eval().requires_grad_(False)
+        yield
+    finally:
+        for m, training, flags in saved:
+            m.train(training)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+
+class Synthesizer:
+    method: str = ""  # set by @register_method
+
+    def __init__(self, cfg: SynthesisConfig, image_shape: tuple[int, int, int], num_classes: int, seed: int = 0):
+        self.cfg = cfg
+        self.image_shape, self.num_classes, self.seed = tuple(image_shape), int(num_classes), int(seed)
+        self.pool = ImagePool(cfg.pool_size, self.image_shape, self.num_classes)
+        self.calls = 0
+        self.teacher: nn.Module | None = None
+        self.student: nn.Module | None = None
+        self.device = torch.device("cpu")
+        self.channels_last = False
+        self.autocast = contextlib.nullcontext
+        self.loss_trace: list[torch.Tensor] = []  # total loss per inner step of the last call (diagnostics, tests)
+        self._epoch_sums: dict[str, torch.Tensor] = {}
+        self._epoch_calls = 0
+
+    @property
+    def name(self) -> str:
+        return self.method
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    # -- binding to the teacher and the student ---------------------------------------------------
+    def attach(self, distiller, normalize: nn.Module, runtime) -> None:
+        """The distillation loop's hook: the synthesizer reads the distiller's raw student."""
+        self.bind(distiller.teacher, distiller.student, normalize, runtime)
+
+    def bind(self, teacher: nn.Module, student: nn.Module, normalize: nn.Module, runtime=None) -> None:
+        if student is None or student is teacher:
+            raise ValueError(
+                f"{self.method}: the student passed to the synthesizer is the teacher; adversarial terms would be "
+                "identically zero. Pass the student being distilled."
+            )
+        self.teacher, self.student, self.normalize = teacher, student, normalize
+        if runtime is not None:
+            self.device, self.channels_last, self.autocast = runtime.device, runtime.channels_last, runtime.autocast
+        else:
+            self.device = next(teacher.parameters()).device
+        self.pool.to(self.device)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.seed)  # generator / head init: a function of the seed, not of what ran before
+            self.setup()
+
+    def setup(self) -> None:
+        """Build generators and optimisers (called once the device, teacher and student are known)."""
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        """An already-normalised batch in the memory format the networks run in."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def teacher_input(self, images01: torch.Tensor) -> torch.Tensor:
+        return self.to_input(self.normalize(images01))
+
+    # -- what a method implements ------------------------------------------------------------------
+    def synthesize(self, rng: CallRandom) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """A KD batch (uint8, or float in [0, 1]) on the device."""
+        return self.pool.sample(batch_size, generator)
+
+    def dictionary_images(self, batch_size: int = 1024) -> Iterator[torch.Tensor]:
+        """The substitution data the KDCI dictionary is built from: the whole current pool."""
+        return self.pool.batches(batch_size)
+
+    def min_dictionary_images(self) -> int:
+        """Images available at the first dictionary build (checked against kdci.n before any work)."""
+        return min(self.cfg.pool_size, (self.cfg.warmup_calls + 1) * self.cfg.batch_size)
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    # -- shared helpers --------------------------------------------------------------------------
+    @torch.no_grad()
+    def add_to_pool(self, images01: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> None:
+        """Add [0, 1] images (un-augmented) with the teacher's logits on them (computed if not given)."""
+        images = images01.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+        if teacher_logits is None:
+            with self.autocast():
+                teacher_logits = self.teacher(self.teacher_input(images))
+        self.pool.add(images, teacher_logits.float(), self.calls)
+
+    def call_random(self, call: int) -> CallRandom:
+        return CallRandom(
+            device=epoch_generator(self.seed + 7919, call, self.device),
+            cpu=epoch_generator(self.seed + 104729, call, "cpu"),
+        )
+
+    def step(self) -> dict[str, torch.Tensor]:
+        """Run one synthesis call (counted, seeded, teacher and student frozen in eval mode)."""
+        if self.teacher is None:
+            raise RuntimeError(f"{self.method}: bind(teacher, student, normalize) before synthesizing")
+        self.calls += 1
+        self.loss_trace = []
+        t0 = time.perf_counter()
+        with synthesis_mode(self.teacher, self.student):
+            metrics = self.synthesize(self.call_random(self.calls))
+        for key, value in metrics.items():
+            self._epoch_sums[key] = self._epoch_sums.get(key, 0) + value.detach().float()
+        self._epoch_calls += 1
+        seconds = time.perf_counter() - t0
+        if seconds > 10:  # long calls (DeepInv, CMI) show progress; short ones would flood the log
+            log.info("%s: synthesis call %d took %.1f s (pool %d images)", self.method, self.calls, seconds, len(self.pool))
+        return metrics
+
+    # -- the distillation loop's source interface ---------------------------------------------------
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return self.cfg.calls_per_epoch * self.cfg.kd_steps_per_call
+
+    def begin_epoch(self, epoch: int, distiller) -> None:
+        self._epoch_sums, self._epoch_calls = {}, 0
+        if self.calls < self.cfg.warmup_calls:
+            log.info("%s: %d warm-up synthesis calls before KD", self.method, self.cfg.warmup_calls - self.calls)
+            while self.calls < self.cfg.warmup_calls:
+                self.step()
+                if self.calls % max(1, self.cfg.warmup_calls // 5) == 0:
+                    log.info("%s: warm-up call %d/%d, pool %d images", self.method, self.calls, self.cfg.warmup_calls, len(self.pool))
+        self.step()  # the epoch's first call runs before the dictionary (re)build, so it sees fresh data
+
+    def batches(self, epoch: int, batch_size: int) -> Iterator[torch.Tensor]:
+        generator = epoch_generator(self.seed + 2, epoch, self.device)
+        for call in range(self.cfg.calls_per_epoch):
+            if call > 0:
+                self.step()
+            for _ in range(self.cfg.kd_steps_per_call):
+                yield self.sample(batch_size, generator)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Mean synthesis loss terms over this epoch's calls (one host sync per epoch)."""
+        n = max(self._epoch_calls, 1)
+        return {f"synth_{key}": float(value) / n for key, value in self._epoch_sums.items()}
+
+    def state_dict(self) -> dict:
+        return {
+            "method": self.method, "seed": self.seed, "calls": self.calls, "image_shape": list(self.image_shape),
+            "pool": self.pool.state_dict(), "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = (self.method, self.seed, list(self.image_shape))
+        saved = (state.get("method"), state.get("seed"), state.get("image_shape"))
+        if saved != mine:
+            raise ValueError(f"synthesizer state is for (method, seed, image shape) {saved}, this one is {mine}; use another run name")
+        self.calls = state["calls"]
+        self.pool.load_state_dict(state["pool"])
+        self.load_extra_state(state["extra"])
+
+    def to_parquet(self, path, metadata: dict | None = None):
+        """Export the pool (uint8 images + teacher logits + call) with the method's config as metadata."""
+        meta = {"method": self.method, "seed": self.seed, "calls": self.calls, "config": self.cfg.model_dump(mode="json")}
+        return self.pool.to_parquet(path, {**meta, **(metadata or {})})
+
+
+def new_generator(nz: int, ngf: int, image_shape: tuple[int, int, int], device) -> nn.Module:
+    """The public DCGAN-style generator for this image shape (sigmoid output in [0, 1])."""
+    from ..models import create_model
+
+    c, h, _ = image_shape
+    return create_model("generator", nz=nz, ngf=ngf, img_size=h, nc=c).to(device)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer | None) -> dict | None:
+    return None if optimizer is None else optimizer.state_dict()

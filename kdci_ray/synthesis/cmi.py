@@ -1,0 +1,151 @@
+"""CMI (Fang et al., IJCAI 2021): contrastive model inversion. Each call re-initialises the generator
+and learns it together with the latent batch so that, besides BN matching, CE to sampled labels and the
+masked adversarial KL, every image is *distinguishable* from the others and from earlier calls' images:
+an instance-discrimination (contrastive) loss on the teacher's BN-input features of two views (a
+pad-crop "global" view and a random-resized-crop "local" view), with negatives from a memory bank of
+past images' features. Images go to the pool.
+
+Defaults follow zju-vipa's Fast-Datafree `scripts/cmi_cifar.sh` #1 = CMI repo `scripts/cmi/cmi_cifar10.sh`
+(docs/dfkd-public-defaults.md section 4): 200 steps per call, Adam 1e-3 betas (0.5, 0.999) over the
+generator and z, bn 1, oh 1, adv 0.5, cr 0.8 at temperature 0.2, MLP head D -> D -> 256 with its own
+Adam, bank of 40,960 feature rows, 4,096 negatives per step, local crops of scale (0.25, 1).
+Features are the per-sample means of *every* teacher BN input (the public default for WRNs; its
+resnet34 variant hooks the four stage inputs instead). The bank lives on the training device.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from ..config import Int, SynthesisConfig
+from .augment import random_crop_flip, random_resized_crop
+from .base import BestIterate, CallRandom, Synthesizer, new_generator
+from .hooks import BNStatistics
+from .losses import contrastive_loss, masked_adversarial_kl, onehot_loss
+from .registry import register_method
+
+
+class CMIConfig(SynthesisConfig):
+    method: Literal["cmi"] = "cmi"
+    g_steps: Int = Field(200, ge=1)
+    lr_g: float = Field(1e-3, gt=0, description="Adam learning rate of the generator, the latents and the head")
+    betas: tuple[float, float] = (0.5, 0.999)
+    nz: Int = Field(256, ge=1)
+    ngf: Int = Field(64, ge=1)
+    bn: float = Field(1.0, ge=0)
+    oh: float = Field(1.0, ge=0)
+    adv: float = Field(0.5, ge=0, description="masked adversarial KL (student vs teacher)")
+    cr: float = Field(0.8, ge=0, description="contrastive loss weight (0: off)")
+    cr_temperature: float = Field(0.2, gt=0)
+    head_dim: Int = Field(256, ge=1)
+    bank_size: Int = Field(40960, ge=1, description="memory bank rows (feature pairs of past images)")
+    n_negatives: Int = Field(4096, ge=1, description="bank rows drawn as negatives per step")
+    local_scale: tuple[float, float] = Field((0.25, 1.0), description="area range of the local view's crop")
+    crop_padding: Int = Field(4, ge=0)
+
+
+@register_method("cmi", config=CMIConfig)
+class CMI(Synthesizer):
+    cfg: CMIConfig
+
+    def setup(self) -> None:
+        c = self.cfg
+        self.generator = new_generator(c.nz, c.ngf, self.image_shape, self.device)
+        self.bn_stats = BNStatistics(self.teacher, instance_means=True)
+        dim = self.bn_stats.feature_dim()
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, c.head_dim)).to(self.device)
+        self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=c.lr_g)
+        self.bank = torch.zeros(0, 2 * dim, device=self.device)  # rows [local features | global features]
+        self.bank_next = self.bank_filled = 0
+
+    def _reinit_generator(self, generator: torch.Generator) -> None:
+        for m in self.generator.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.normal_(m.weight, 0.0, 0.02, generator=generator)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02, generator=generator)
+                nn.init.zeros_(m.bias)
+
+    def _add_to_bank(self, rows: torch.Tensor) -> None:
+        size = self.cfg.bank_size
+        rows = rows[-size:]
+        if self.bank.shape[0] < size:  # grow by doubling up to the bound
+            grow = min(size, max(self.bank.shape[0] + rows.shape[0], 2 * self.bank.shape[0])) - self.bank.shape[0]
+            self.bank = torch.cat([self.bank, self.bank.new_zeros(grow, self.bank.shape[1])])
+        pos = (self.bank_next + torch.arange(rows.shape[0], device=self.device)) % size
+        self.bank[pos] = rows.float()
+        self.bank_next = (self.bank_next + rows.shape[0]) % size
+        self.bank_filled = min(size, self.bank_filled + rows.shape[0])
+
+    def _negatives(self, generator: torch.Generator) -> torch.Tensor:
+        filled = self.bank_filled
+        if filled == 0:
+            return self.bank[:0]
+        if filled <= self.cfg.n_negatives:
+            return self.bank[:filled]
+        idx = torch.randperm(filled, device=self.device, generator=generator)[: self.cfg.n_negatives]
+        return self.bank.index_select(0, idx)
+
+    def synthesize(self, rng: CallRandom) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        self._reinit_generator(rng.device)
+        self.generator.train()
+        z = torch.randn(c.batch_size, c.nz, device=self.device, generator=rng.device).requires_grad_(True)
+        targets = torch.randint(0, self.num_classes, (c.batch_size,), device=self.device, generator=rng.device).sort().values
+        optimizer = torch.optim.Adam([*self.generator.parameters(), z], lr=c.lr_g, betas=c.betas)
+        dim = self.bank.shape[1] // 2
+        best = BestIterate()
+        sums: dict[str, torch.Tensor] = {}
+        for _ in range(c.g_steps):
+            x = self.generator(z)
+            global_view = self.teacher_input(random_crop_flip(x, c.crop_padding, True, rng.device))
+            local_view = self.teacher_input(random_resized_crop(x, c.local_scale, generator=rng.device))
+            with self.bn_stats, self.autocast():
+                t = self.teacher(global_view)
+                terms = {"bn": self.bn_stats.loss(), "oh": onehot_loss(t, targets)}
+                global_features = self.bn_stats.features()
+                self.teacher(local_view)  # BN loss comes from the global view only
+                local_features = self.bn_stats.features()
+            if c.adv > 0:
+                with self.autocast():
+                    s = self.student(global_view)
+                terms["adv"] = masked_adversarial_kl(s, t)
+            if c.cr > 0:
+                negatives = self._negatives(rng.device)
+                h_local = F.normalize(self.head(torch.cat([local_features, negatives[:, :dim]])).float(), dim=1)
+                h_global = F.normalize(self.head(torch.cat([global_features, negatives[:, dim:]])).float(), dim=1)
+                terms["cr"] = contrastive_loss(h_local, h_global, c.cr_temperature, n_current=c.batch_size)
+            loss = sum(getattr(c, name) * value for name, value in terms.items())
+            best.update(loss, x, torch.cat([local_features, global_features], dim=1))
+            optimizer.zero_grad(set_to_none=True)
+            self.head_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            self.head_optimizer.step()
+            self.loss_trace.append(loss.detach())
+            for name, value in {**terms, "loss": loss}.items():
+                sums[name] = sums.get(name, 0) + value.detach()
+        best_x, best_features = best.values
+        self.add_to_pool(best_x)
+        self._add_to_bank(best_features)
+        return {name: value / c.g_steps for name, value in sums.items()}
+
+    def extra_state(self) -> dict:
+        filled = self.bank_filled
+        return {
+            "head": self.head.state_dict(), "head_optimizer": self.head_optimizer.state_dict(),
+            "bank": self.bank[:filled].cpu(), "bank_next": self.bank_next, "bank_filled": filled,
+        }
+
+    def load_extra_state(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
+        self.head_optimizer.load_state_dict(state["head_optimizer"])
+        self.bank = state["bank"].to(self.device)
+        self.bank_next, self.bank_filled = state["bank_next"], state["bank_filled"]

@@ -1,0 +1,102 @@
+"""DAFL (Chen et al., ICCV 2019): a generator trained so the teacher is confident, strongly activated
+and class-balanced on its samples; KD draws fresh generator samples every step (no pool for KD).
+
+Defaults follow zju-vipa's Fast-Datafree `scripts/dafl_cifar.sh` + `datafree_kd.py` (commit 0dcecbc;
+see docs/dfkd-public-defaults.md section 1): Adam 1e-3 betas (0.5, 0.999), nz 512, 80 calls x 5 KD
+steps per epoch, weights oh 1, act 0.001, balance 20, bn 0, adv 0; the KD loss there is KL at T = 1
+(its `--T 20` is overwritten), which our DAFL configs set as kd.temperature: 1.
+Each call's batch also goes into the bounded pool (for Parquet export); the KDCI dictionary is built
+from `dictionary_samples` fresh generator samples (../shared/KDCI.md, stage a).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Literal
+
+import torch
+from pydantic import Field
+
+from ..config import Int, SynthesisConfig
+from .base import CallRandom, Synthesizer, new_generator
+from .hooks import BNStatistics
+from .losses import activation_loss, adversarial_kl, class_balance_loss, onehot_loss
+from .registry import register_method
+
+
+class DAFLConfig(SynthesisConfig):
+    method: Literal["dafl"] = "dafl"
+    calls_per_epoch: Int = Field(80, ge=1)
+    kd_steps_per_call: Int = Field(5, ge=1)
+    pool_size: Int = Field(16384, ge=1, description="exported samples kept (KD itself draws fresh samples)")
+    nz: Int = Field(512, ge=1, description="latent size")
+    ngf: Int = Field(64, ge=1, description="generator width")
+    betas: tuple[float, float] = (0.5, 0.999)
+    oh: float = Field(1.0, ge=0, description="one-hot loss: CE of the teacher to its own argmax")
+    act: float = Field(0.001, ge=0, description="activation loss: -mean |teacher penultimate features|")
+    balance: float = Field(20.0, ge=0, description="class-balance loss: negative entropy of the mean prediction")
+    bn: float = Field(0.0, ge=0, description="BN-statistics matching (0 in the public DAFL script)")
+    adv: float = Field(0.0, ge=0, description="adversarial -KL(teacher || student) (0 in the public DAFL script)")
+    dictionary_samples: Int = Field(10240, ge=1, description="fresh samples the KDCI dictionary is built from")
+
+
+@register_method("dafl", config=DAFLConfig)
+class DAFL(Synthesizer):
+    cfg: DAFLConfig
+
+    def setup(self) -> None:
+        c = self.cfg
+        self.generator = new_generator(c.nz, c.ngf, self.image_shape, self.device)
+        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=c.lr_g, betas=c.betas)
+        self.bn_stats = BNStatistics(self.teacher) if c.bn > 0 else None
+
+    def synthesize(self, rng: CallRandom) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        self.generator.train()
+        sums: dict[str, torch.Tensor] = {}
+        for _ in range(c.g_steps):
+            z = torch.randn(c.batch_size, c.nz, device=self.device, generator=rng.device)
+            x = self.generator(z)
+            inputs = self.teacher_input(x)
+            with self.bn_stats or contextlib.nullcontext(), self.autocast():
+                t, features = self.teacher(inputs, return_features=True)
+            terms = {"oh": onehot_loss(t), "act": activation_loss(features), "balance": class_balance_loss(t)}
+            if c.bn > 0:
+                terms["bn"] = self.bn_stats.loss()
+            if c.adv > 0:
+                with self.autocast():
+                    s = self.student(inputs)
+                terms["adv"] = adversarial_kl(s, t)
+            loss = sum(getattr(c, name) * value for name, value in terms.items())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.loss_trace.append(loss.detach())
+            for name, value in {**terms, "loss": loss}.items():
+                sums[name] = sums.get(name, 0) + value.detach()
+        self.add_to_pool(x)
+        return {name: value / c.g_steps for name, value in sums.items()}
+
+    @torch.no_grad()
+    def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        # The generator stays in train mode (batch BN statistics), as in the Fast-Datafree code.
+        z = torch.randn(batch_size, self.cfg.nz, device=self.device, generator=generator)
+        return self.generator(z)
+
+    def dictionary_images(self, batch_size: int = 1024) -> Iterator[torch.Tensor]:
+        generator = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self.calls)
+        left = self.cfg.dictionary_samples
+        while left > 0:
+            n = min(batch_size, left)
+            yield self.sample(n, generator)
+            left -= n
+
+    def min_dictionary_images(self) -> int:
+        return self.cfg.dictionary_samples
+
+    def extra_state(self) -> dict:
+        return {"generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.optimizer.load_state_dict(state["optimizer"])

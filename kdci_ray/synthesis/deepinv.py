@@ -1,0 +1,85 @@
+"""DeepInversion (Yin et al., CVPR 2020): optimise a batch of pixels from noise so the teacher's BN
+statistics match, the teacher predicts sampled labels, the image is smooth, and the student disagrees
+with the teacher (adversarial Jensen-Shannon term); random jitter + flip each step. Images go to the pool.
+
+Defaults follow zju-vipa's `scripts/deepinv/deepinv_cifar10_wrn402_wrn161.sh` (CMI repo @9e79fa9; see
+docs/dfkd-public-defaults.md section 2): pixels in normalised space, Adam lr 0.1 betas (0.5, 0.99),
+1000 steps per call, bn 10, oh 1, adv 1 (JS at T = 3), tv 0.001 (CMI repo; Fast-Datafree uses 0),
+l2 0, jitter 4 + flip, one call per epoch and 400 KD steps. The iterate with the lowest total loss is
+kept (the public `best_inputs` rule). Not copied: Fast-Datafree's extra "-0.001 x student BN loss",
+which is in neither the paper nor the CMI repository.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ..config import Int, SynthesisConfig
+from .augment import jitter_and_flip
+from .base import BestIterate, CallRandom, Synthesizer
+from .hooks import BNStatistics
+from .losses import adversarial_js, onehot_loss, total_variation
+from .registry import register_method
+
+
+class DeepInvConfig(SynthesisConfig):
+    method: Literal["deepinv"] = "deepinv"
+    g_steps: Int = Field(1000, ge=1)
+    lr_g: float = Field(0.1, gt=0, description="Adam learning rate on the pixels")
+    betas: tuple[float, float] = (0.5, 0.99)
+    bn: float = Field(10.0, ge=0)
+    oh: float = Field(1.0, ge=0, description="CE of the teacher to the sampled labels")
+    adv: float = Field(1.0, ge=0, description="adversarial -JS(student, teacher)")
+    adv_temperature: float = Field(3.0, gt=0)
+    tv: float = Field(0.001, ge=0, description="total-variation prior (on the un-jittered image)")
+    l2: float = Field(0.0, ge=0, description="L2 prior on the (normalised) pixels")
+    jitter: Int = Field(4, ge=0, description="random roll in pixels, per step")
+    flip: bool = True
+
+
+@register_method("deepinv", config=DeepInvConfig)
+class DeepInversion(Synthesizer):
+    cfg: DeepInvConfig
+
+    def setup(self) -> None:
+        self.bn_stats = BNStatistics(self.teacher)
+        mean, std = self.normalize.mean.to(self.device), self.normalize.std.to(self.device)
+        # Valid pixel range in normalised space, per channel: what [0, 1] maps to.
+        self.low, self.high = -mean / std, (1 - mean) / std
+
+    def synthesize(self, rng: CallRandom) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        x = torch.randn((c.batch_size, *self.image_shape), device=self.device, generator=rng.device).requires_grad_(True)
+        targets = torch.randint(0, self.num_classes, (c.batch_size,), device=self.device, generator=rng.device).sort().values
+        optimizer = torch.optim.Adam([x], lr=c.lr_g, betas=c.betas)
+        best = BestIterate()
+        sums: dict[str, torch.Tensor] = {}
+        for _ in range(c.g_steps):
+            inputs = self.to_input(jitter_and_flip(x, c.jitter, c.flip, rng.cpu))
+            with self.bn_stats, self.autocast():
+                t = self.teacher(inputs)
+            terms = {"bn": self.bn_stats.loss(), "oh": onehot_loss(t, targets)}
+            if c.adv > 0:
+                with self.autocast():
+                    s = self.student(inputs)
+                terms["adv"] = adversarial_js(s, t, c.adv_temperature)
+            if c.tv > 0:
+                terms["tv"] = total_variation(x)
+            if c.l2 > 0:
+                terms["l2"] = x.norm()
+            loss = sum(getattr(c, name) * value for name, value in terms.items())
+            best.update(loss, x)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                x.copy_(torch.maximum(torch.minimum(x, self.high), self.low))
+            self.loss_trace.append(loss.detach())
+            for name, value in {**terms, "loss": loss}.items():
+                sums[name] = sums.get(name, 0) + value.detach()
+        (best_x,) = best.values
+        self.add_to_pool(best_x * self.normalize.std.to(self.device) + self.normalize.mean.to(self.device))
+        return {name: value / c.g_steps for name, value in sums.items()}

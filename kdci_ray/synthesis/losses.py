@@ -1,0 +1,81 @@
+"""Synthesis losses shared by the DFKD methods (the KD loss itself is `kdci_ray.losses`).
+
+Adversarial terms are *maximised* disagreement between the student and the teacher on synthetic
+images, returned negated so every synthesis loss is minimised. They must be fed the **student's**
+logits: with the teacher in its place they are identically zero (a bug in one public codebase).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def onehot_loss(teacher_logits: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the teacher to `targets` (sampled labels), or to its own argmax (DAFL)."""
+    if targets is None:
+        targets = teacher_logits.argmax(dim=1)
+    return F.cross_entropy(teacher_logits.float(), targets)
+
+
+def activation_loss(features: torch.Tensor) -> torch.Tensor:
+    """DAFL: reward large penultimate activations (-mean |f|)."""
+    return -features.float().abs().mean()
+
+
+def class_balance_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """DAFL: negative entropy (natural log) of the batch's mean class distribution; minimum = uniform classes."""
+    p = F.softmax(teacher_logits.float(), dim=1).mean(dim=0)
+    return (p * torch.log(p.clamp_min(1e-12))).sum()
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Image prior: mean absolute difference to the right, lower and both diagonal neighbours, summed."""
+    return (
+        (x[..., :, :-1] - x[..., :, 1:]).abs().mean()
+        + (x[..., :-1, :] - x[..., 1:, :]).abs().mean()
+        + (x[..., 1:, :-1] - x[..., :-1, 1:]).abs().mean()
+        + (x[..., :-1, :-1] - x[..., 1:, 1:]).abs().mean()
+    )
+
+
+def adversarial_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """-KL(p_t || p_s), batch mean (the generative synthesizers' adversarial term)."""
+    p_t = F.softmax(teacher_logits.float(), dim=1)
+    kl = (p_t * (F.log_softmax(teacher_logits.float(), dim=1) - F.log_softmax(student_logits.float(), dim=1))).sum(1)
+    return -kl.mean()
+
+
+def adversarial_js(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 3.0) -> torch.Tensor:
+    """DeepInversion's adversarial term: -JS(p_s, p_t) at `temperature`, probabilities clamped to
+    [0.01, 0.99] as in the public code (keeps the log finite and the gradient bounded)."""
+    p = F.softmax(student_logits.float() / temperature, dim=1)
+    q = F.softmax(teacher_logits.float() / temperature, dim=1)
+    m = ((p + q) / 2).clamp(0.01, 0.99)
+    p, q = p.clamp(0.01, 0.99), q.clamp(0.01, 0.99)
+    js = 0.5 * (m * (m.log() - p.log())).sum(1) + 0.5 * (m * (m.log() - q.log())).sum(1)
+    return -js.mean()
+
+
+def masked_adversarial_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Fast / CMI: -mean_i[ 1(argmax s_i == argmax t_i) * KL(p_t,i || p_s,i) ].
+
+    Only samples both networks put in the same class push the generator; the mean runs over the whole
+    batch (not the masked count), as in the public code.
+    """
+    t, s = teacher_logits.float(), student_logits.float()
+    mask = (s.argmax(1) == t.argmax(1)).float()
+    kl = (F.softmax(t, dim=1) * (F.log_softmax(t, dim=1) - F.log_softmax(s, dim=1))).sum(1)
+    return -(mask * kl).mean()
+
+
+def contrastive_loss(local_h: torch.Tensor, global_h: torch.Tensor, temperature: float, n_current: int) -> torch.Tensor:
+    """CMI's instance discrimination: row i of the local view's embeddings must pick row i of the
+    (detached) global view's. The first `n_current` rows are this batch, the rest come from the memory
+    bank; both parts are averaged separately and summed (plain mean when there is no bank yet)."""
+    logits = local_h @ global_h.detach().t() / temperature
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    per_row = F.cross_entropy(logits, targets, reduction="none")
+    if per_row.shape[0] == n_current:
+        return per_row.mean()
+    return per_row[:n_current].mean() + per_row[n_current:].mean()

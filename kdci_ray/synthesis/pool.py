@@ -1,0 +1,184 @@
+"""The bounded in-memory image pool of a synthesizer, and its Parquet form.
+
+Images are kept as uint8 on the training device (what the public code's PNG round-trip did to them,
+without the files), with the teacher's logits on the un-augmented image and the synthesis call that
+made them. When full, the oldest images are overwritten (a ring buffer). Storage grows by doubling up
+to `capacity`, so a small run does not reserve the whole bound.
+
+Parquet layout (one row per image; read by the Ray layer to shard and by `read_pool_parquet`):
+  image: binary (C*H*W uint8 bytes, CHW order), logits: list<float32> (teacher logits), call: int64
+  schema metadata b"kdci_ray": JSON {format, image_shape, num_classes, rows, ...caller's metadata}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+PARQUET_FORMAT = 1
+_META_KEY = b"kdci_ray"
+
+
+class ImagePool:
+    def __init__(self, capacity: int, image_shape: tuple[int, int, int], num_classes: int, device: torch.device | str = "cpu"):
+        if capacity < 1:
+            raise ValueError(f"pool capacity must be >= 1, got {capacity}")
+        self.capacity, self.image_shape, self.num_classes = int(capacity), tuple(image_shape), int(num_classes)
+        self.device = torch.device(device)
+        self.images = torch.empty((0, *self.image_shape), dtype=torch.uint8, device=self.device)
+        self.logits = torch.empty((0, self.num_classes), dtype=torch.float32, device=self.device)
+        self.calls = torch.empty((0,), dtype=torch.int64, device=self.device)
+        self.size = 0  # filled rows
+        self.next = 0  # ring position of the next write
+        self.total_added = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def to(self, device: torch.device | str) -> "ImagePool":
+        self.device = torch.device(device)
+        self.images, self.logits, self.calls = (t.to(self.device) for t in (self.images, self.logits, self.calls))
+        return self
+
+    def _grow(self, needed: int) -> None:
+        have = self.images.shape[0]
+        if needed <= have:
+            return
+        new = min(self.capacity, max(needed, 2 * have))
+        extra = new - have
+        self.images = torch.cat([self.images, self.images.new_empty((extra, *self.image_shape))])
+        self.logits = torch.cat([self.logits, self.logits.new_empty((extra, self.num_classes))])
+        self.calls = torch.cat([self.calls, self.calls.new_empty((extra,))])
+
+    def add(self, images: torch.Tensor, logits: torch.Tensor, call: int) -> None:
+        """Add a batch: `images` uint8, or float in [0, 1] (rounded to uint8); `logits` (B, num_classes)."""
+        if images.dtype != torch.uint8:
+            images = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+        if tuple(images.shape[1:]) != self.image_shape or logits.shape != (images.shape[0], self.num_classes):
+            raise ValueError(
+                f"pool expects images (B, {', '.join(map(str, self.image_shape))}) and logits (B, {self.num_classes}); "
+                f"got {tuple(images.shape)} and {tuple(logits.shape)}"
+            )
+        images, logits = images[-self.capacity :], logits[-self.capacity :]  # a batch larger than the pool keeps its tail
+        n = images.shape[0]
+        self._grow(min(self.capacity, self.size + n))
+        # Positions of the n rows in the ring; wrapping writes over the oldest rows.
+        pos = (self.next + torch.arange(n, device=self.device)) % self.capacity
+        self.images[pos] = images.to(self.device)
+        self.logits[pos] = logits.detach().float().to(self.device)
+        self.calls[pos] = call
+        self.next = (self.next + n) % self.capacity
+        self.size = min(self.capacity, self.size + n)
+        self.total_added += n
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """A KD batch drawn uniformly (with replacement) from the filled pool; uint8 on the pool's device."""
+        if self.size == 0:
+            raise RuntimeError("the image pool is empty: run a synthesis call first")
+        idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=generator)
+        return self.images.index_select(0, idx)
+
+    def batches(self, batch_size: int = 1024) -> Iterator[torch.Tensor]:
+        for start in range(0, self.size, batch_size):
+            yield self.images[start : min(start + batch_size, self.size)]
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "images": self.images[: self.size].cpu(), "logits": self.logits[: self.size].cpu(), "calls": self.calls[: self.size].cpu(),
+            "next": self.next, "total_added": self.total_added, "capacity": self.capacity,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["capacity"] != self.capacity or tuple(state["images"].shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"pool state has capacity {state['capacity']} and images {tuple(state['images'].shape[1:])}; "
+                f"this pool has {self.capacity} and {self.image_shape}"
+            )
+        self.images = state["images"].to(self.device)
+        self.logits = state["logits"].to(self.device)
+        self.calls = state["calls"].to(self.device)
+        self.size, self.next, self.total_added = self.images.shape[0], state["next"], state["total_added"]
+
+    # -- Parquet -------------------------------------------------------------------------------
+    def to_parquet(self, path: str | Path, metadata: dict | None = None) -> Path:
+        return write_pool_parquet(
+            path, self.images[: self.size], self.logits[: self.size], self.calls[: self.size], metadata
+        )
+
+
+@dataclass
+class PoolData:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    logits: torch.Tensor  # float32 (N, num_classes)
+    calls: torch.Tensor  # int64 (N,)
+    meta: dict = field(default_factory=dict)
+
+
+def write_pool_parquet(
+    path: str | Path, images: torch.Tensor, logits: torch.Tensor, calls: torch.Tensor, metadata: dict | None = None
+) -> Path:
+    """Write images (uint8 NCHW) + teacher logits + synthesis call as Parquet; atomic (tmp + rename)."""
+    path = Path(path)
+    images = images.detach().cpu().contiguous()
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"images must be uint8 NCHW, got {images.dtype} {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    flat = images.numpy().reshape(n, -1)
+    num_classes = int(logits.shape[1])
+    meta = {"format": PARQUET_FORMAT, "image_shape": [c, h, w], "num_classes": num_classes, "rows": n, **(metadata or {})}
+    table = pa.table(
+        {
+            "image": pa.array([row.tobytes() for row in flat], type=pa.binary()),
+            "logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.detach().cpu().float().numpy().reshape(-1)), num_classes),
+            "call": pa.array(calls.detach().cpu().numpy().astype(np.int64)),
+        }
+    ).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_pool_parquet(path: str | Path) -> PoolData:
+    """Read a pool written by `write_pool_parquet` (a file, or a folder of such files written as shards)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no pool Parquet at {path}")
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"{path} holds no .parquet files")
+    parts, meta = [], None
+    for file in files:
+        table = pq.read_table(file)
+        raw = (table.schema.metadata or {}).get(_META_KEY)
+        if raw is None or not {"image", "logits", "call"} <= set(table.column_names):
+            raise ValueError(f"{file} is not a kdci_ray pool (needs columns image, logits, call and kdci_ray metadata)")
+        file_meta = json.loads(raw)
+        if file_meta.get("format", 0) > PARQUET_FORMAT:
+            raise ValueError(f"{file} has pool format {file_meta['format']}; this kdci_ray reads <= {PARQUET_FORMAT}: upgrade it")
+        if meta is not None and (file_meta["image_shape"], file_meta["num_classes"]) != (meta["image_shape"], meta["num_classes"]):
+            raise ValueError(f"{file}: image shape / classes differ from the other shards in {path}")
+        meta = meta or file_meta
+        c, h, w = file_meta["image_shape"]
+        n = table.num_rows
+        blob = b"".join(table.column("image").to_pylist())
+        if len(blob) != n * c * h * w:
+            raise ValueError(f"{file}: image bytes do not match the declared shape {file_meta['image_shape']}")
+        images = torch.from_numpy(np.frombuffer(blob, dtype=np.uint8).reshape(n, c, h, w).copy())
+        logits = torch.from_numpy(
+            table.column("logits").combine_chunks().flatten().to_numpy().astype(np.float32).reshape(n, file_meta["num_classes"])
+        )
+        calls = torch.from_numpy(table.column("call").to_numpy().astype(np.int64))
+        parts.append((images, logits, calls))
+    images, logits, calls = (torch.cat(p) for p in zip(*parts))
+    meta = {**meta, "rows": int(images.shape[0]), "files": len(files)}
+    return PoolData(images, logits, calls, meta)
