@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
-    BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, Strict, ValidationError, field_validator, model_validator,
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, Strict, ValidationError, field_validator, model_validator,
 )
 
 from .data import DATASETS
@@ -40,6 +40,16 @@ def _switch_from_bool(value: Any) -> Any:
 Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch_from_bool)]
 #: An int field that refuses booleans and floats (`epochs: true` is a mistake, not 1).
 Int = Annotated[int, Strict()]
+
+
+def _check_betas(value: tuple[float, float]) -> tuple[float, float]:
+    if not all(0 <= b < 1 for b in value):
+        raise ValueError(f"Adam betas must each be in [0, 1), got {list(value)}")
+    return value
+
+
+#: Adam's (beta1, beta2).
+Betas = Annotated[tuple[float, float], AfterValidator(_check_betas)]
 
 
 class Section(BaseModel):
@@ -168,6 +178,9 @@ class SynthesisConfig(Section):
     warmup_calls: Int = Field(0, ge=0, description="synthesis-only calls before the first KD step")
     g_steps: Int = Field(1, ge=1, description="optimisation steps inside one synthesis call")
     lr_g: float = Field(1e-3, gt=0, description="learning rate of the synthesis optimiser")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="synthesis arithmetic (the public runs are fp32; bf16 autocast is faster on GPUs)"
+    )
     export_pool: bool = Field(False, description="write the final pool to <run dir>/pool.parquet")
 
 

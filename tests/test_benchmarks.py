@@ -31,3 +31,20 @@ def test_committed_overhead_results_are_well_formed():
         assert result["command"].startswith("python benchmarks/kdci_overhead.py"), path
         expected = 100 * (result["kdci_step_ms"] - result["baseline_step_ms"]) / result["baseline_step_ms"]
         assert abs(result["time_overhead_pct"] - expected) < 0.01, path
+
+
+def test_dfkd_baselines_benchmark_runs_at_toy_size(digits_teacher, tmp_path):
+    out = tmp_path / "dfkd.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "dfkd_baselines.py"), "--dataset", "digits", "--pair", "digits_cnn-digits_cnn_small",
+           "--no-short", "--teacher-weights", str(digits_teacher), "--set", "optim.epochs=1", "--set", "synthesis.calls_per_epoch=1",
+           "--set", "synthesis.g_steps=2", "--set", "synthesis.kd_steps_per_call=2", "--set", "kdci.nredo=1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    runs = {(r["method"], r["kdci"]): r for r in result["runs"]}
+    assert set(runs) == {(m, k) for m in ("cmi", "dafl", "deepinv", "fast") for k in (False, True)}
+    for (method, kdci), run in runs.items():
+        assert 0 <= run["test_top1"] <= 100 and run["wall_seconds"] > 0 and run["epochs"] == 1
+        assert (run["test_top1_compensated"] is not None) == kdci
+    assert result["command"].startswith("python benchmarks/dfkd_baselines.py --dataset digits")
+    assert "deepinv" in proc.stdout and "top-1" in proc.stdout

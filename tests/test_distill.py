@@ -9,29 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdci_ray.config import ConfigError, DistillConfig, TeacherTrainConfig, apply_overrides, validate_config
+from kdci_ray.config import ConfigError, DistillConfig, apply_overrides, validate_config
 from kdci_ray.data import SubstitutionSet, load_dataset
 from kdci_ray.engine.distill import distill
-from kdci_ray.engine.teacher import train_teacher
 from kdci_ray.kdci import ConfounderDictionary
 from kdci_ray.models import ModelCard
 
 # Measured on this 2-core box (20 epochs, 2000 noisy images, seeds 0-2): KDCI off 96.7-97.3 %,
 # on 95.8-96.7 % raw top-1 (chance is 10 %; the teacher has ~99 %). The bar leaves room for noise.
 DIGITS_THRESHOLD = 90.0
-
-
-@pytest.fixture(scope="session")
-def digits_teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teachers")
-    cfg = validate_config(TeacherTrainConfig, {
-        "name": "digits_cnn", "data": {"dataset": "digits"}, "model": {"arch": "digits_cnn"},
-        "optim": {"lr": 0.05, "batch_size": 64, "epochs": 30, "warmup_epochs": 1},
-        "augment": {"crop_padding": 1, "hflip": False}, "output": {"dir": str(out)},
-    })
-    result = train_teacher(cfg)
-    assert result["top1"] > 95
-    return result["weights"]
 
 
 @pytest.fixture(scope="session")

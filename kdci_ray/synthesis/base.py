@@ -57,9 +57,10 @@ class BestIterate:
         if self.loss is None:
             self.loss, self.values = loss, tuple(v.clone() for v in values)
             return
-        better = loss < self.loss
+        # A NaN loss is never "best"; a NaN first iterate is replaced by any finite one.
+        better = (loss < self.loss) | (self.loss.isnan() & ~loss.isnan())
         self.values = tuple(torch.where(better, new, old) for new, old in zip(values, self.values))
-        self.loss = torch.minimum(loss, self.loss)
+        self.loss = torch.where(better, loss, self.loss)
 
 
 @contextlib.contextmanager
@@ -115,9 +116,17 @@ class Synthesizer:
             )
         self.teacher, self.student, self.normalize = teacher, student, normalize
         if runtime is not None:
-            self.device, self.channels_last, self.autocast = runtime.device, runtime.channels_last, runtime.autocast
+            self.device, self.channels_last = runtime.device, runtime.channels_last
         else:
             self.device = next(teacher.parameters()).device
+        # Synthesis has its own precision (fp32 by default, as the public runs): small BN-statistic
+        # gradients on pixels would underflow in fp16, and DeepInv's long pixel optimisation is
+        # sensitive to bf16 rounding.
+        if self.cfg.precision == "bf16":
+            device_type = self.device.type
+            self.autocast = lambda: torch.autocast(device_type, dtype=torch.bfloat16)
+        else:
+            self.autocast = contextlib.nullcontext
         self.pool.to(self.device)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.seed)  # generator / head init: a function of the seed, not of what ran before

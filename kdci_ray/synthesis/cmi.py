@@ -9,8 +9,10 @@ Defaults follow zju-vipa's Fast-Datafree `scripts/cmi_cifar.sh` #1 = CMI repo `s
 (docs/dfkd-public-defaults.md section 4): 200 steps per call, Adam 1e-3 betas (0.5, 0.999) over the
 generator and z, bn 1, oh 1, adv 0.5, cr 0.8 at temperature 0.2, MLP head D -> D -> 256 with its own
 Adam, bank of 40,960 feature rows, 4,096 negatives per step, local crops of scale (0.25, 1).
-Features are the per-sample means of *every* teacher BN input (the public default for WRNs; its
-resnet34 variant hooks the four stage inputs instead). The bank lives on the training device.
+Features (`feature_layers`) are per-sample means of module inputs, as in the public code: for a ResNet
+teacher the inputs of its four stages (`layer1..layer4`, D = 512 for resnet34), otherwise every BN
+input (D = 2704 for wrn40_2). The bank lives on the training device; with cr = 0 there is no local view,
+head or bank work at all (the public "tuned fast" setting).
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
-from ..config import Int, SynthesisConfig
+from ..config import Betas, Int, SynthesisConfig
 from .augment import random_crop_flip, random_resized_crop
-from .base import BestIterate, CallRandom, Synthesizer, new_generator
-from .hooks import BNStatistics
+from .base import BestIterate, CallRandom, Synthesizer, new_generator, synthesis_mode
+from .hooks import BNStatistics, InputMeans, statistics_layers
 from .losses import contrastive_loss, masked_adversarial_kl, onehot_loss
 from .registry import register_method
 
@@ -34,7 +36,7 @@ class CMIConfig(SynthesisConfig):
     method: Literal["cmi"] = "cmi"
     g_steps: Int = Field(200, ge=1)
     lr_g: float = Field(1e-3, gt=0, description="Adam learning rate of the generator, the latents and the head")
-    betas: tuple[float, float] = (0.5, 0.999)
+    betas: Betas = (0.5, 0.999)
     nz: Int = Field(256, ge=1)
     ngf: Int = Field(64, ge=1)
     bn: float = Field(1.0, ge=0)
@@ -47,6 +49,26 @@ class CMIConfig(SynthesisConfig):
     n_negatives: Int = Field(4096, ge=1, description="bank rows drawn as negatives per step")
     local_scale: tuple[float, float] = Field((0.25, 1.0), description="area range of the local view's crop")
     crop_padding: Int = Field(4, ge=0)
+    feature_layers: Literal["auto", "stages", "bn_inputs"] = Field(
+        "auto", description="contrastive features: stage inputs (ResNets), every BN input, or auto (stages when the teacher has them)"
+    )
+
+    @field_validator("local_scale")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(f"must be (low, high) with 0 < low <= high <= 1, got {list(value)}")
+        return value
+
+
+def feature_modules(teacher: nn.Module, which: str) -> list[nn.Module]:
+    stages = [getattr(teacher, f"layer{i}", None) for i in range(1, 5)]
+    has_stages = all(isinstance(m, nn.Module) for m in stages)
+    if which == "stages" and not has_stages:
+        raise ValueError(f"synthesis.feature_layers = 'stages' needs a teacher with layer1..layer4; {type(teacher).__name__} has none: use bn_inputs")
+    if which == "stages" or (which == "auto" and has_stages):
+        return stages
+    return statistics_layers(teacher)
 
 
 @register_method("cmi", config=CMIConfig)
@@ -56,8 +78,11 @@ class CMI(Synthesizer):
     def setup(self) -> None:
         c = self.cfg
         self.generator = new_generator(c.nz, c.ngf, self.image_shape, self.device)
-        self.bn_stats = BNStatistics(self.teacher, instance_means=True)
-        dim = self.bn_stats.feature_dim()
+        self.bn_stats = BNStatistics(self.teacher)
+        self.feature_hooks = InputMeans(feature_modules(self.teacher, c.feature_layers))
+        with torch.no_grad(), synthesis_mode(self.teacher), self.feature_hooks:
+            self.teacher(torch.zeros(2, *self.image_shape, device=self.device))
+            dim = self.feature_hooks.features().shape[1]
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, c.head_dim)).to(self.device)
         self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=c.lr_g)
         self.bank = torch.zeros(0, 2 * dim, device=self.device)  # rows [local features | global features]
@@ -106,13 +131,15 @@ class CMI(Synthesizer):
         for _ in range(c.g_steps):
             x = self.generator(z)
             global_view = self.teacher_input(random_crop_flip(x, c.crop_padding, True, rng.device))
-            local_view = self.teacher_input(random_resized_crop(x, c.local_scale, generator=rng.device))
-            with self.bn_stats, self.autocast():
+            with self.bn_stats, self.feature_hooks, self.autocast():
                 t = self.teacher(global_view)
-                terms = {"bn": self.bn_stats.loss(), "oh": onehot_loss(t, targets)}
-                global_features = self.bn_stats.features()
-                self.teacher(local_view)  # BN loss comes from the global view only
-                local_features = self.bn_stats.features()
+            terms = {"bn": self.bn_stats.loss(), "oh": onehot_loss(t, targets)}
+            global_features = self.feature_hooks.features()
+            if c.cr > 0:
+                local_view = self.teacher_input(random_resized_crop(x, c.local_scale, generator=rng.device))
+                with self.feature_hooks, self.autocast():
+                    self.teacher(local_view)  # the BN loss comes from the global view only
+                local_features = self.feature_hooks.features()
             if c.adv > 0:
                 with self.autocast():
                     s = self.student(global_view)
@@ -123,18 +150,22 @@ class CMI(Synthesizer):
                 h_global = F.normalize(self.head(torch.cat([global_features, negatives[:, dim:]])).float(), dim=1)
                 terms["cr"] = contrastive_loss(h_local, h_global, c.cr_temperature, n_current=c.batch_size)
             loss = sum(getattr(c, name) * value for name, value in terms.items())
-            best.update(loss, x, torch.cat([local_features, global_features], dim=1))
+            if c.cr > 0:
+                best.update(loss, x, torch.cat([local_features, global_features], dim=1))
+            else:
+                best.update(loss, x)
             optimizer.zero_grad(set_to_none=True)
             self.head_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            self.head_optimizer.step()
+            if c.cr > 0:
+                self.head_optimizer.step()
             self.loss_trace.append(loss.detach())
             for name, value in {**terms, "loss": loss}.items():
                 sums[name] = sums.get(name, 0) + value.detach()
-        best_x, best_features = best.values
-        self.add_to_pool(best_x)
-        self._add_to_bank(best_features)
+        self.add_to_pool(best.values[0])
+        if c.cr > 0:
+            self._add_to_bank(best.values[1])
         return {name: value / c.g_steps for name, value in sums.items()}
 
     def extra_state(self) -> dict:

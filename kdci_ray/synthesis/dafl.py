@@ -17,7 +17,7 @@ from typing import Iterator, Literal
 import torch
 from pydantic import Field
 
-from ..config import Int, SynthesisConfig
+from ..config import Betas, Int, SynthesisConfig
 from .base import CallRandom, Synthesizer, new_generator
 from .hooks import BNStatistics
 from .losses import activation_loss, adversarial_kl, class_balance_loss, onehot_loss
@@ -31,7 +31,7 @@ class DAFLConfig(SynthesisConfig):
     pool_size: Int = Field(16384, ge=1, description="exported samples kept (KD itself draws fresh samples)")
     nz: Int = Field(512, ge=1, description="latent size")
     ngf: Int = Field(64, ge=1, description="generator width")
-    betas: tuple[float, float] = (0.5, 0.999)
+    betas: Betas = (0.5, 0.999)
     oh: float = Field(1.0, ge=0, description="one-hot loss: CE of the teacher to its own argmax")
     act: float = Field(0.001, ge=0, description="activation loss: -mean |teacher penultimate features|")
     balance: float = Field(20.0, ge=0, description="class-balance loss: negative entropy of the mean prediction")

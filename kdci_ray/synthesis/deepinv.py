@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..config import Int, SynthesisConfig
+from ..config import Betas, Int, SynthesisConfig
 from .augment import jitter_and_flip
 from .base import BestIterate, CallRandom, Synthesizer
 from .hooks import BNStatistics
@@ -29,14 +29,14 @@ class DeepInvConfig(SynthesisConfig):
     method: Literal["deepinv"] = "deepinv"
     g_steps: Int = Field(1000, ge=1)
     lr_g: float = Field(0.1, gt=0, description="Adam learning rate on the pixels")
-    betas: tuple[float, float] = (0.5, 0.99)
+    betas: Betas = (0.5, 0.99)
     bn: float = Field(10.0, ge=0)
     oh: float = Field(1.0, ge=0, description="CE of the teacher to the sampled labels")
     adv: float = Field(1.0, ge=0, description="adversarial -JS(student, teacher)")
     adv_temperature: float = Field(3.0, gt=0)
     tv: float = Field(0.001, ge=0, description="total-variation prior (on the un-jittered image)")
     l2: float = Field(0.0, ge=0, description="L2 prior on the (normalised) pixels")
-    jitter: Int = Field(4, ge=0, description="random roll in pixels, per step")
+    jitter: Int | None = Field(None, ge=0, description="random roll in pixels per step (default: image size / 8, 4 px at 32 px)")
     flip: bool = True
 
 
@@ -55,10 +55,11 @@ class DeepInversion(Synthesizer):
         x = torch.randn((c.batch_size, *self.image_shape), device=self.device, generator=rng.device).requires_grad_(True)
         targets = torch.randint(0, self.num_classes, (c.batch_size,), device=self.device, generator=rng.device).sort().values
         optimizer = torch.optim.Adam([x], lr=c.lr_g, betas=c.betas)
+        jitter = c.jitter if c.jitter is not None else self.image_shape[-1] // 8
         best = BestIterate()
         sums: dict[str, torch.Tensor] = {}
         for _ in range(c.g_steps):
-            inputs = self.to_input(jitter_and_flip(x, c.jitter, c.flip, rng.cpu))
+            inputs = self.to_input(jitter_and_flip(x, jitter, c.flip, rng.cpu))
             with self.bn_stats, self.autocast():
                 t = self.teacher(inputs)
             terms = {"bn": self.bn_stats.loss(), "oh": onehot_loss(t, targets)}

@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..config import Int, SynthesisConfig
+from ..config import Betas, Int, SynthesisConfig
 from .augment import random_crop_flip
 from .base import BestIterate, CallRandom, Synthesizer, new_generator
 from .hooks import BNStatistics
@@ -35,7 +35,7 @@ class FastConfig(SynthesisConfig):
     lr_g: float = Field(2e-3, gt=0, description="inner learning rate of the generator copy")
     lr_z: float = Field(0.01, gt=0, description="inner learning rate of the latent batch")
     meta_lr: float | None = Field(None, gt=0, description="meta-optimiser learning rate (default lr_g * g_steps)")
-    betas: tuple[float, float] = (0.5, 0.999)
+    betas: Betas = (0.5, 0.999)
     meta: Literal["fomaml", "reptile"] = "fomaml"
     reptile_scale: float = Field(67.0, gt=0, description="Reptile: meta-gradient = scale * (meta - adapted)")
     nz: Int = Field(256, ge=1)

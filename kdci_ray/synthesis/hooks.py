@@ -6,9 +6,9 @@ running statistics the teacher stored in training. Per layer r = ||running_var -
 the loss is the sum over layers. Fast's `bn_mmt` variant compares against an exponential moving
 average blend of the current and past batches' statistics instead.
 
-CMI also reads the per-sample spatial mean of each BN input as its contrastive feature; the same hook
-collects it when asked. Hooks are attached only inside a synthesis call (a context manager), so KD
-teacher forwards pay nothing for them.
+CMI reads per-sample spatial means of some modules' inputs as its contrastive feature (`InputMeans`).
+Hooks are attached only inside a synthesis call (context managers), so KD teacher forwards pay nothing
+for them.
 """
 
 from __future__ import annotations
@@ -19,21 +19,11 @@ from torch import nn
 from ..models import bn_layers
 
 
-class BNStatistics:
-    def __init__(self, model: nn.Module, momentum: float = 0.0, instance_means: bool = False):
-        self.layers = bn_layers(model)
-        if not self.layers:
-            raise ValueError(
-                f"{type(model).__name__} has no BatchNorm layers: BN-statistics losses need a teacher with BatchNorm; set bn=0"
-            )
-        self.momentum, self.instance_means = momentum, instance_means
-        self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
-        self.means: list[torch.Tensor | None] = [None] * len(self.layers)
-        self.ema: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
-        self._handles: list = []
+class _Hooks:
+    modules: list[nn.Module]
 
-    def __enter__(self) -> "BNStatistics":
-        self._handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+    def __enter__(self):
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -41,14 +31,34 @@ class BNStatistics:
             handle.remove()
         self._handles = []
 
+    def _hook(self, index: int):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def statistics_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
+    """The BN layers whose statistics can be matched: 2-d, with running statistics."""
+    return [m for m in bn_layers(model) if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+
+
+class BNStatistics(_Hooks):
+    def __init__(self, model: nn.Module, momentum: float = 0.0):
+        self.layers = self.modules = statistics_layers(model)
+        if not self.layers:
+            raise ValueError(
+                f"{type(model).__name__} has no BatchNorm2d layers with running statistics: BN-statistics losses need "
+                "a teacher with them; set bn=0"
+            )
+        self.momentum = momentum
+        self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
+        self.ema: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
+        self._handles: list = []
+
     def _hook(self, index: int):
         def record(module, inputs, output):
             x = inputs[0].float()  # statistics in fp32 even under autocast
             mean = x.mean(dim=(0, 2, 3))
             var = x.var(dim=(0, 2, 3), unbiased=False)
             self.stats[index] = (mean, var)
-            if self.instance_means:
-                self.means[index] = x.mean(dim=(2, 3))
 
         return record
 
@@ -65,15 +75,6 @@ class BNStatistics:
                 var = (1 - m) * var + m * ema[1]
             total = total + torch.norm(layer.running_var.float() - var, 2) + torch.norm(layer.running_mean.float() - mean, 2)
         return total
-
-    def features(self) -> torch.Tensor:
-        """Per-sample spatial means of every BN input of the last forward, concatenated: (B, sum of channels)."""
-        if not self.instance_means or any(m is None for m in self.means):
-            raise RuntimeError("instance means were not recorded: create BNStatistics(instance_means=True) and run a forward")
-        return torch.cat(self.means, dim=1)
-
-    def feature_dim(self) -> int:
-        return sum(layer.num_features for layer in self.layers)
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -93,3 +94,25 @@ class BNStatistics:
         if saved and len(saved) != len(self.layers):
             raise ValueError(f"BN-statistics state has {len(saved)} layers; the teacher has {len(self.layers)}")
         self.ema = [(s[0].to(device), s[1].to(device)) for s in saved] if saved else [None] * len(self.layers)
+
+
+class InputMeans(_Hooks):
+    """Per-sample spatial means of the inputs of `modules` (CMI's contrastive features), concatenated."""
+
+    def __init__(self, modules: list[nn.Module]):
+        if not modules:
+            raise ValueError("InputMeans needs at least one module to hook")
+        self.modules = list(modules)
+        self.means: list[torch.Tensor | None] = [None] * len(self.modules)
+        self._handles: list = []
+
+    def _hook(self, index: int):
+        def record(module, inputs, output):
+            self.means[index] = inputs[0].float().mean(dim=(2, 3))
+
+        return record
+
+    def features(self) -> torch.Tensor:
+        if any(m is None for m in self.means):
+            raise RuntimeError("input means read before a forward inside the hook context")
+        return torch.cat(self.means, dim=1)

@@ -42,6 +42,10 @@ class ImagePool:
     def __len__(self) -> int:
         return self.size
 
+    def filled(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images, logits, calls) of the filled rows (the storage may be larger)."""
+        return self.images[: self.size], self.logits[: self.size], self.calls[: self.size]
+
     def to(self, device: torch.device | str) -> "ImagePool":
         self.device = torch.device(device)
         self.images, self.logits, self.calls = (t.to(self.device) for t in (self.images, self.logits, self.calls))
@@ -66,6 +70,7 @@ class ImagePool:
                 f"pool expects images (B, {', '.join(map(str, self.image_shape))}) and logits (B, {self.num_classes}); "
                 f"got {tuple(images.shape)} and {tuple(logits.shape)}"
             )
+        self.total_added += images.shape[0]
         images, logits = images[-self.capacity :], logits[-self.capacity :]  # a batch larger than the pool keeps its tail
         n = images.shape[0]
         self._grow(min(self.capacity, self.size + n))
@@ -76,7 +81,6 @@ class ImagePool:
         self.calls[pos] = call
         self.next = (self.next + n) % self.capacity
         self.size = min(self.capacity, self.size + n)
-        self.total_added += n
 
     def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """A KD batch drawn uniformly (with replacement) from the filled pool; uint8 on the pool's device."""
@@ -91,8 +95,9 @@ class ImagePool:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        images, logits, calls = self.filled()
         return {
-            "images": self.images[: self.size].cpu(), "logits": self.logits[: self.size].cpu(), "calls": self.calls[: self.size].cpu(),
+            "images": images.cpu(), "logits": logits.cpu(), "calls": calls.cpu(),
             "next": self.next, "total_added": self.total_added, "capacity": self.capacity,
         }
 
@@ -109,9 +114,7 @@ class ImagePool:
 
     # -- Parquet -------------------------------------------------------------------------------
     def to_parquet(self, path: str | Path, metadata: dict | None = None) -> Path:
-        return write_pool_parquet(
-            path, self.images[: self.size], self.logits[: self.size], self.calls[: self.size], metadata
-        )
+        return write_pool_parquet(path, *self.filled(), metadata)
 
 
 @dataclass
@@ -131,7 +134,7 @@ def write_pool_parquet(
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"images must be uint8 NCHW, got {images.dtype} {tuple(images.shape)}")
     n, c, h, w = images.shape
-    flat = images.numpy().reshape(n, -1)
+    flat = images.numpy().reshape(n, c * h * w)
     num_classes = int(logits.shape[1])
     meta = {"format": PARQUET_FORMAT, "image_shape": [c, h, w], "num_classes": num_classes, "rows": n, **(metadata or {})}
     table = pa.table(
@@ -165,8 +168,10 @@ def read_pool_parquet(path: str | Path) -> PoolData:
         file_meta = json.loads(raw)
         if file_meta.get("format", 0) > PARQUET_FORMAT:
             raise ValueError(f"{file} has pool format {file_meta['format']}; this kdci_ray reads <= {PARQUET_FORMAT}: upgrade it")
-        if meta is not None and (file_meta["image_shape"], file_meta["num_classes"]) != (meta["image_shape"], meta["num_classes"]):
-            raise ValueError(f"{file}: image shape / classes differ from the other shards in {path}")
+        if meta is not None:
+            for key in ("image_shape", "num_classes", "method", "teacher_id"):
+                if file_meta.get(key) != meta.get(key):
+                    raise ValueError(f"{file}: {key} {file_meta.get(key)!r} differs from the other shards' {meta.get(key)!r} in {path}")
         meta = meta or file_meta
         c, h, w = file_meta["image_shape"]
         n = table.num_rows

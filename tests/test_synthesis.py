@@ -1,0 +1,288 @@
+"""The DFKD synthesizers, each through its real code path with a tiny digits teacher (parametrized over
+the registry, so a new method is tested by registering it and adding its tiny settings below)."""
+
+import faiss  # noqa: F401  (before torch)
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from kdci_ray.config import ConfigError, DistillConfig, validate_config
+from kdci_ray.data import Normalize, SubstitutionSet, dataset_info
+from kdci_ray.models import create_model, load_classifier
+from kdci_ray.registry import UnknownNameError
+from kdci_ray.synthesis import SYNTHESIZERS, BNStatistics, ImagePool, create_synthesizer, read_pool_parquet, write_pool_parquet
+from kdci_ray.synthesis.losses import adversarial_js, adversarial_kl, masked_adversarial_kl
+
+SHAPE = (1, 8, 8)
+# Per-method settings small enough for a CPU test; everything else is the method's public default.
+TINY = {
+    "dafl": {"batch_size": 32, "nz": 16, "ngf": 8, "dictionary_samples": 64},
+    "deepinv": {"batch_size": 32, "g_steps": 5},
+    "fast": {"batch_size": 32, "g_steps": 3, "nz": 16, "ngf": 8, "warmup_calls": 0, "adv_after_calls": 0},
+    "cmi": {"batch_size": 32, "g_steps": 3, "nz": 16, "ngf": 8, "bank_size": 64, "n_negatives": 16},
+}
+# The adversarial weight each method runs with in the adversarial test (DAFL's public default is 0).
+ADV_ON = {"dafl": {"adv": 1.0}}
+
+
+def test_every_registered_method_has_tiny_settings():
+    assert set(SYNTHESIZERS.names()) == set(TINY) == {"dafl", "deepinv", "fast", "cmi"}
+
+
+@pytest.fixture(scope="module")
+def teacher(digits_teacher):
+    model, _ = load_classifier(digits_teacher, "digits_cnn", 10, 1)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def normalize():
+    info = dataset_info("digits")
+    return Normalize(info.mean, info.std)
+
+
+def make(method, teacher, student, normalize, seed=0, **overrides):
+    synth = create_synthesizer({"method": method, **TINY[method], **overrides}, SHAPE, 10, seed=seed)
+    synth.bind(teacher, student, normalize)
+    return synth
+
+
+def noisy_copy(teacher, scale=0.05, seed=0):
+    """A student that mostly agrees with the teacher but not exactly (so masked KL terms are non-zero)."""
+    student = copy.deepcopy(teacher).train()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * (p.std() if p.numel() > 1 else 1))
+    return student.requires_grad_(True)
+
+
+def fresh_student(seed=0):
+    torch.manual_seed(seed)
+    return create_model("digits_cnn_small", num_classes=10, in_channels=1)
+
+
+@pytest.mark.parametrize("method", sorted(TINY))
+def test_images_have_the_right_shape_range_and_dtype(method, teacher, normalize):
+    synth = make(method, teacher, fresh_student(), normalize)
+    metrics = synth.step()
+    assert all(torch.isfinite(v).all() for v in metrics.values()), metrics
+    pool = synth.pool
+    images, logits, _ = pool.filled()
+    assert len(pool) == 32 and images.dtype == torch.uint8 and tuple(images.shape[1:]) == SHAPE
+    assert logits.shape == (32, 10) and torch.isfinite(logits).all()
+    assert images.float().std() > 0  # not a constant image
+    batch = synth.sample(16, torch.Generator().manual_seed(0))
+    assert tuple(batch.shape) == (16, *SHAPE)
+    if batch.dtype != torch.uint8:  # DAFL: fresh generator samples in [0, 1]
+        assert batch.dtype == torch.float32 and 0 <= batch.min() and batch.max() <= 1
+    # The logits stored with an image are the teacher's on that (uint8) image.
+    with torch.no_grad():
+        again = teacher(normalize(images[:8]))
+    assert torch.allclose(again, logits[:8], atol=1e-4)
+
+
+@pytest.mark.parametrize("method", sorted(TINY))
+def test_the_methods_own_losses_fall(method, teacher, normalize):
+    steps = 40
+    synth = make(method, teacher, fresh_student(), normalize, g_steps=steps)
+    synth.step()
+    trace = torch.stack(synth.loss_trace)
+    assert len(trace) == steps and torch.isfinite(trace).all()
+    early, late = trace[:5].mean().item(), trace[-5:].mean().item()
+    assert late < early - 0.05 * abs(early), f"{method}: loss {early:.3f} -> {late:.3f}"
+
+
+@pytest.mark.parametrize("method", sorted(TINY))
+def test_adversarial_term_reads_the_student_and_has_gradient_through_it(method, teacher, normalize):
+    student = noisy_copy(teacher)
+    grads = []
+    student.register_full_backward_hook(lambda module, grad_in, grad_out: grads.append(grad_out[0].abs().sum().item()))
+    synth = make(method, teacher, student, normalize, **ADV_ON.get(method, {}))
+    metrics = synth.step()
+    assert "adv" in metrics and metrics["adv"].item() < 0, metrics  # -divergence: non-zero
+    assert grads and sum(grads) > 0  # gradient flowed back through the student's forward
+    assert all(p.grad is None for p in student.parameters())  # ... but the student itself was not trained
+    assert student.training and all(p.requires_grad for p in student.parameters())  # modes restored
+    # The public bug: the teacher passed as the student makes the term identically zero. Refused loudly.
+    with pytest.raises(ValueError, match="is the teacher"):
+        make(method, teacher, teacher, normalize)
+
+
+def test_adversarial_losses_vanish_for_identical_networks_only():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(64, 10, generator=g)
+    s = (t + 0.5 * torch.randn(64, 10, generator=g)).requires_grad_(True)
+    for fn in (adversarial_kl, adversarial_js, masked_adversarial_kl):
+        assert fn(t.clone(), t).abs().item() < 1e-6  # student == teacher: zero (what the public bug silently did)
+        loss = fn(s, t)
+        assert loss.item() < 0
+        (grad,) = torch.autograd.grad(loss, s)
+        assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", sorted(TINY))
+def test_pool_stays_bounded(method, teacher, normalize):
+    synth = make(method, teacher, fresh_student(), normalize, pool_size=40)
+    for _ in range(3):
+        synth.step()
+    assert len(synth.pool) == 40 and synth.pool.total_added == 96 and synth.pool.images.shape[0] == 40
+    # The newest call's images are all present (the oldest were overwritten).
+    assert (synth.pool.calls == 3).sum() == 32
+
+
+@pytest.mark.parametrize("method", sorted(TINY))
+def test_fixed_seed_reproduces_the_first_batch(method, teacher, normalize):
+    student = fresh_student()
+
+    def first(seed):
+        synth = make(method, teacher, student, normalize, seed=seed)
+        synth.begin_epoch(1, None)
+        return synth.pool.filled()[0].clone(), next(iter(synth.batches(1, 16)))
+
+    (pool_a, batch_a), (pool_b, batch_b), (pool_c, _) = first(0), first(0), first(1)
+    assert torch.equal(pool_a, pool_b) and torch.equal(batch_a, batch_b)
+    assert not torch.equal(pool_a, pool_c)
+
+
+@pytest.mark.parametrize("method", sorted(TINY))
+def test_state_dict_continues_exactly(method, teacher, normalize):
+    student = fresh_student()
+    a = make(method, teacher, student, normalize)
+    for _ in range(2):
+        a.step()
+    state = copy.deepcopy(a.state_dict())
+    b = make(method, teacher, student, normalize)
+    b.load_state_dict(state)
+    a.step()
+    b.step()
+    for mine, theirs in zip(a.pool.filled(), b.pool.filled()):
+        assert torch.equal(mine, theirs)
+    with pytest.raises(ValueError, match="seed"):
+        make(method, teacher, student, normalize, seed=5).load_state_dict(state)
+
+
+@pytest.mark.parametrize("method", sorted(TINY))
+def test_parquet_round_trip(method, teacher, normalize, tmp_path):
+    synth = make(method, teacher, fresh_student(), normalize)
+    synth.step()
+    synth.step()
+    path = synth.to_parquet(tmp_path / "pool.parquet", {"note": "test"})
+    data = read_pool_parquet(path)
+    images, logits, _ = synth.pool.filled()
+    assert torch.equal(data.images, images) and torch.equal(data.logits, logits)
+    assert data.calls.tolist() == [1] * 32 + [2] * 32
+    assert data.meta["method"] == method and data.meta["seed"] == 0 and data.meta["note"] == "test"
+    assert data.meta["image_shape"] == list(SHAPE) and data.meta["rows"] == 64
+    assert data.meta["config"]["method"] == method
+    # An exported pool is a fixed substitution set for a later run.
+    assert SubstitutionSet(data.images).image_shape == SHAPE
+
+
+def test_parquet_shards_and_bad_files(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8, generator=g)
+    logits = torch.randn(10, 5, generator=g)
+    calls = torch.arange(10)
+    write_pool_parquet(tmp_path / "shards" / "part-0.parquet", images[:6], logits[:6], calls[:6])
+    write_pool_parquet(tmp_path / "shards" / "part-1.parquet", images[6:], logits[6:], calls[6:])
+    data = read_pool_parquet(tmp_path / "shards")
+    assert torch.equal(data.images, images) and torch.equal(data.logits, logits) and data.meta["files"] == 2
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x": [1, 2]}), tmp_path / "other.parquet")
+    with pytest.raises(ValueError, match="not a kdci_ray pool"):
+        read_pool_parquet(tmp_path / "other.parquet")
+    with pytest.raises(FileNotFoundError):
+        read_pool_parquet(tmp_path / "missing.parquet")
+
+
+def test_pool_ring_buffer_and_oversized_batches():
+    pool = ImagePool(5, (1, 2, 2), 3)
+    for call in range(1, 4):
+        pool.add(torch.full((2, 1, 2, 2), call, dtype=torch.uint8), torch.zeros(2, 3), call)
+    assert len(pool) == 5 and sorted(pool.calls.tolist()) == [1, 2, 2, 3, 3]
+    pool.add(torch.full((7, 1, 2, 2), 9, dtype=torch.uint8), torch.zeros(7, 3), 4)  # more than the capacity
+    assert len(pool) == 5 and (pool.images == 9).all() and pool.total_added == 13
+    with pytest.raises(ValueError, match="pool expects"):
+        pool.add(torch.zeros(2, 3, 2, 2, dtype=torch.uint8), torch.zeros(2, 3), 5)
+
+
+def test_bn_statistics_loss_is_zero_at_the_running_statistics():
+    bn = torch.nn.BatchNorm2d(3).eval()
+    model = torch.nn.Sequential(bn)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 3, 4, 4, generator=g) * 2 + 1
+    bn.running_mean.copy_(x.mean((0, 2, 3)))
+    bn.running_var.copy_(x.var((0, 2, 3), unbiased=False))
+    with BNStatistics(model) as hooks:
+        model(x)
+        assert hooks.loss().item() < 1e-5
+        model(torch.randn(512, 3, 4, 4, generator=g))
+        assert hooks.loss().item() > 1.0
+    model(x)  # hooks are gone outside the context: nothing recorded, nothing kept
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        BNStatistics(torch.nn.Linear(2, 2))
+
+
+def test_unknown_method_and_bad_fields_are_named():
+    base = {"name": "x", "data": {"dataset": "digits"}, "teacher": {"arch": "digits_cnn", "weights": "w.safetensors"},
+            "student": {"arch": "digits_cnn_small"}}
+    with pytest.raises(ConfigError, match=r"no such synthesis method 'deepinversion'.*known synthesis methods: cmi, dafl, deepinv, fast"):
+        validate_config(DistillConfig, {**base, "synthesis": {"method": "deepinversion"}})
+    with pytest.raises(ConfigError, match=r"synthesis: g_steps = 0: .*greater than or equal to 1"):
+        validate_config(DistillConfig, {**base, "synthesis": {"method": "cmi", "g_steps": 0}})
+    with pytest.raises(ConfigError, match=r"synthesis: cr_temp = 0.1: unknown key for method 'cmi'"):
+        validate_config(DistillConfig, {**base, "synthesis": {"method": "cmi", "cr_temp": 0.1}})
+    with pytest.raises(UnknownNameError, match="no such synthesis method"):
+        create_synthesizer({"method": "nope"}, SHAPE, 10)
+    cfg = validate_config(DistillConfig, {**base, "synthesis": {"method": "fast", "g_steps": 2}})
+    dumped = cfg.model_dump(mode="json")["synthesis"]
+    assert dumped["method"] == "fast" and dumped["g_steps"] == 2 and dumped["lr_z"] == 0.01  # method fields survive a dump
+
+
+def test_best_iterate_keeps_the_lowest_finite_loss():
+    from kdci_ray.synthesis import BestIterate
+
+    best = BestIterate()
+    for loss, value in [(float("nan"), 0.0), (3.0, 1.0), (1.0, 2.0), (float("nan"), 3.0), (2.0, 4.0)]:
+        best.update(torch.tensor(loss), torch.tensor([value]))
+    assert best.loss.item() == 1.0 and best.values[0].item() == 2.0
+
+
+def test_empty_pool_exports_and_reads_back(tmp_path):
+    pool = ImagePool(8, (3, 4, 4), 5)
+    data = read_pool_parquet(pool.to_parquet(tmp_path / "empty.parquet"))
+    assert data.images.shape == (0, 3, 4, 4) and data.logits.shape == (0, 5)
+
+
+def test_cmi_variants_stage_features_and_no_contrastive_term(normalize):
+    torch.manual_seed(0)
+    resnet = create_model("resnet18", num_classes=10, in_channels=1).eval().requires_grad_(False)
+    synth = make("cmi", resnet, fresh_student(), normalize)
+    assert synth.head[0].in_features == 64 + 64 + 128 + 256  # the four stage inputs, as the public resnet variant
+    assert "cr" in synth.step() and synth.bank_filled == 32
+    plain = make("cmi", resnet, fresh_student(), normalize, cr=0.0, feature_layers="bn_inputs")
+    metrics = plain.step()
+    assert "cr" not in metrics and plain.bank_filled == 0 and len(plain.pool) == 32
+    with pytest.raises(ValueError, match="layer1..layer4"):
+        make("cmi", create_model("digits_cnn", num_classes=10, in_channels=1).eval(), fresh_student(), normalize, feature_layers="stages")
+
+
+def test_bf16_synthesis_runs_and_stays_finite(teacher, normalize):
+    synth = make("fast", teacher, fresh_student(), normalize, precision="bf16")
+    metrics = synth.step()
+    assert all(torch.isfinite(v) for v in metrics.values()) and len(synth.pool) == 32
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"method": "cmi", "local_scale": [0.9, 0.1]}, "0 < low <= high <= 1"),
+    ({"method": "dafl", "betas": [0.5, 1.5]}, r"betas must each be in \[0, 1\)"),
+    ({"method": "fast", "bn_momentum": 1.0}, "less than 1"),
+])
+def test_method_settings_are_validated_before_any_work(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        create_synthesizer(bad, SHAPE, 10)
