@@ -182,6 +182,9 @@ class SynthesisConfig(Section):
         "fp32", description="synthesis arithmetic (the public runs are fp32; bf16 autocast is faster on GPUs)"
     )
     export_pool: bool = Field(False, description="write the final pool to <run dir>/pool.parquet")
+    init_pool: Path | None = Field(
+        None, description="Parquet pool (file or folder of shards) loaded into the pool before synthesis, e.g. CMI's pre-inverted set"
+    )
 
 
 #: method name -> its SynthesisConfig subclass (filled by the method files in kdci_ray.synthesis).

@@ -115,7 +115,7 @@ def test_distill_config_errors_name_the_field(digits_teacher, tmp_path):
 
 def test_dictionary_larger_than_the_substitution_set_fails_before_training(digits_teacher, noisy_digits, tmp_path):
     cfg = config(digits_teacher, tmp_path, "run", **{"kdci.n": 64, "optim.batch_size": 16})
-    with pytest.raises(ValueError, match="kdci.n = 64 prototypes but the substitution source holds only 40 images"):
+    with pytest.raises(ValueError, match="kdci.n = 64 prototypes but the substitution source has only 40 images"):
         distill(cfg, SubstitutionSet(noisy_digits[:40], seed=0))
     assert not (tmp_path / "run").exists()
 

@@ -286,3 +286,18 @@ def test_bf16_synthesis_runs_and_stays_finite(teacher, normalize):
 def test_method_settings_are_validated_before_any_work(bad, message):
     with pytest.raises(ConfigError, match=message):
         create_synthesizer(bad, SHAPE, 10)
+
+
+def test_a_pool_imported_from_parquet_seeds_a_new_synthesizer(teacher, normalize, tmp_path):
+    first = make("deepinv", teacher, fresh_student(), normalize)
+    first.step()
+    path = first.to_parquet(tmp_path / "pre.parquet")
+    second = make("cmi", teacher, fresh_student(), normalize, init_pool=str(path))
+    images, logits, calls = second.pool.filled()
+    assert torch.equal(images, first.pool.filled()[0]) and torch.allclose(logits, first.pool.filled()[1], atol=1e-5)
+    assert calls.eq(0).all() and second.min_dictionary_images() == 32 + 32
+    second.step()
+    assert len(second.pool) == 64
+    with pytest.raises(ValueError, match=r"images are \(1, 8, 8\), this run needs \(3, 8, 8\)"):
+        synth = create_synthesizer({"method": "deepinv", **TINY["deepinv"], "init_pool": str(path)}, (3, 8, 8), 10)
+        synth.bind(create_model("digits_cnn", num_classes=10, in_channels=3).eval(), fresh_student(), Normalize([0.5] * 3, [0.5] * 3))

@@ -69,8 +69,8 @@ class SubstitutionSource(Protocol):
     For exact resume a source draws its randomness from (seed, epoch) generators or the global RNGs
     (saved in checkpoints), and puts anything else it needs to continue into `state_dict()`;
     `load_state_dict` should refuse a state that is not its own (another data set or seed).
-    Optional: `attach(distiller, normalize, runtime)` (called once the models exist: a synthesizer reads
-    the distiller's raw student from it), `epoch_metrics()` (merged into the epoch's row),
+    Optional: `bind(teacher=, student=, normalize=, runtime=)` (called once the models exist; a
+    synthesizer gets the raw student being distilled), `epoch_metrics()` (merged into the epoch's row),
     `min_dictionary_images()` (checked against kdci.n up front), `to_parquet(path)` (pool export).
     """
 
@@ -173,8 +173,8 @@ class _Run:
                 self.num_classes, k.hidden, k.attention, k.alpha, k.uniform_attention, k.use_prior, k.random_prototypes, seed=cfg.seed
             ).to(runtime.device)
         self.distiller = Distiller(self.student, self.teacher, KLDivergenceKD(cfg.kd.temperature), self.intervention)
-        if hasattr(source, "attach"):
-            source.attach(self.distiller, self.normalize, runtime)
+        if hasattr(source, "bind"):  # a synthesizer: its adversarial terms read the raw student, never s'
+            source.bind(teacher=self.teacher, student=self.student, normalize=self.normalize, runtime=runtime)
         self.optimizer = make_optimizer(self.distiller, cfg.optim, runtime.device)
         self.scaler = runtime.grad_scaler()
         self.steps_per_epoch = source.steps_per_epoch(cfg.optim.batch_size)
@@ -412,7 +412,8 @@ def distill(
         save_atomic(run.checkpoint_state(epoch, history), ckpt_path)
         result.epoch = epoch
         log.info(
-            "epoch %d/%d loss %.4f%s%s  %.0f img/s", epoch, cfg.optim.epochs, row["train_loss"],
+            "epoch %d/%d loss %.4f%s%s%s  %.0f img/s", epoch, cfg.optim.epochs, row["train_loss"],
+            f" synthesis loss {row['synth_loss']:.4f}" if "synth_loss" in row else "",
             f" test {row['test_top1']:.2f}%" if "test_top1" in row else "",
             f" (compensated {row['test_top1_compensated']:.2f}%)" if "test_top1_compensated" in row else "",
             row["images_per_s"],

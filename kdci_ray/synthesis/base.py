@@ -1,8 +1,9 @@
 """The contract every DFKD method implements, in the spirit of the public `synthesize()` / `sample()` split.
 
 A method subclasses `Synthesizer` and writes two things:
-  - `synthesize(rng)`: one synthesis call (the method's optimisation); it adds images to `self.pool`
-    with `self.add_to_pool(...)` and returns its loss terms (device tensors, no host sync);
+  - `synthesize(rng)`: one synthesis call (the method's optimisation); each inner step weighs its named
+    loss terms with `self.weighted(terms)` (weights are the config fields of the same names) and
+    records them with `self.record(terms, loss)`; the call adds its images with `self.add_to_pool(...)`;
   - optionally `sample(batch_size, generator)`: a KD batch (default: uniform draws from the pool;
     DAFL draws fresh generator samples instead), `setup()` to build generators and optimisers once the
     teacher and student are known, and `extra_state()` / `load_extra_state()` for what a checkpoint
@@ -12,8 +13,8 @@ The base class turns that into the distillation loop's substitution source (see
 `kdci_ray.engine.distill.SubstitutionSource`): the first call of an epoch runs in `begin_epoch` (so the
 KDCI dictionary is built from a fresh pool), the rest interleave with KD steps inside `batches`.
 Every call draws its randomness from generators seeded by (seed, call index), so a fixed seed gives the
-same images and a resumed run continues exactly. The method gets the *raw* student (the distiller's
-`student`, never the teacher, never KDCI's compensated logits) for its adversarial terms.
+same images and a resumed run continues exactly. The method gets the *raw* student being distilled
+(never the teacher, never KDCI's compensated logits) for its adversarial terms.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import nn
 
 from ..config import SynthesisConfig
 from ..data import epoch_generator
-from .pool import ImagePool
+from .pool import ImagePool, read_pool_parquet
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class Synthesizer:
         self.channels_last = False
         self.autocast = contextlib.nullcontext
         self.loss_trace: list[torch.Tensor] = []  # total loss per inner step of the last call (diagnostics, tests)
+        self._call_sums: dict[str, torch.Tensor] = {}
         self._epoch_sums: dict[str, torch.Tensor] = {}
         self._epoch_calls = 0
 
@@ -104,11 +106,8 @@ class Synthesizer:
         return len(self.pool)
 
     # -- binding to the teacher and the student ---------------------------------------------------
-    def attach(self, distiller, normalize: nn.Module, runtime) -> None:
-        """The distillation loop's hook: the synthesizer reads the distiller's raw student."""
-        self.bind(distiller.teacher, distiller.student, normalize, runtime)
-
     def bind(self, teacher: nn.Module, student: nn.Module, normalize: nn.Module, runtime=None) -> None:
+        """Called by the distillation loop once the models exist (`runtime`: its device/precision)."""
         if student is None or student is teacher:
             raise ValueError(
                 f"{self.method}: the student passed to the synthesizer is the teacher; adversarial terms would be "
@@ -131,6 +130,23 @@ class Synthesizer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.seed)  # generator / head init: a function of the seed, not of what ran before
             self.setup()
+        if self.cfg.init_pool is not None and self.pool.total_added == 0:
+            self.import_parquet(self.cfg.init_pool)
+
+    @torch.no_grad()
+    def import_parquet(self, path) -> int:
+        """Add a Parquet pool's images (e.g. exported by an earlier run or a Ray generation job) to this
+        pool; their teacher logits are recomputed with this teacher. Returns the number of rows."""
+        data = read_pool_parquet(path)
+        if tuple(data.meta["image_shape"]) != self.image_shape:
+            raise ValueError(f"{path}: images are {tuple(data.meta['image_shape'])}, this run needs {self.image_shape}")
+        for start in range(0, len(data.images), 1024):
+            images = data.images[start : start + 1024].to(self.device)
+            with self.autocast():
+                logits = self.teacher(self.teacher_input(images))
+            self.pool.add(images, logits.float(), 0)
+        log.info("%s: %d images from %s in the pool", self.method, len(data.images), path)
+        return len(data.images)
 
     def setup(self) -> None:
         """Build generators and optimisers (called once the device, teacher and student are known)."""
@@ -143,7 +159,7 @@ class Synthesizer:
         return self.to_input(self.normalize(images01))
 
     # -- what a method implements ------------------------------------------------------------------
-    def synthesize(self, rng: CallRandom) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+    def synthesize(self, rng: CallRandom) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -156,7 +172,7 @@ class Synthesizer:
 
     def min_dictionary_images(self) -> int:
         """Images available at the first dictionary build (checked against kdci.n before any work)."""
-        return min(self.cfg.pool_size, (self.cfg.warmup_calls + 1) * self.cfg.batch_size)
+        return min(self.cfg.pool_size, len(self.pool) + (self.cfg.warmup_calls + 1) * self.cfg.batch_size)
 
     def extra_state(self) -> dict:
         return {}
@@ -165,13 +181,22 @@ class Synthesizer:
         pass
 
     # -- shared helpers --------------------------------------------------------------------------
+    def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The step's loss: each named term times the config weight of the same name."""
+        return sum(getattr(self.cfg, name) * value for name, value in terms.items())
+
+    def record(self, terms: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        """Keep an inner step's terms for the call's mean (on the device: no host sync)."""
+        self.loss_trace.append(loss.detach())
+        for name, value in {**terms, "loss": loss}.items():
+            self._call_sums[name] = self._call_sums.get(name, 0) + value.detach()
+
     @torch.no_grad()
-    def add_to_pool(self, images01: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> None:
-        """Add [0, 1] images (un-augmented) with the teacher's logits on them (computed if not given)."""
+    def add_to_pool(self, images01: torch.Tensor) -> None:
+        """Add [0, 1] images (un-augmented) with the teacher's logits on the stored uint8 images."""
         images = images01.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
-        if teacher_logits is None:
-            with self.autocast():
-                teacher_logits = self.teacher(self.teacher_input(images))
+        with self.autocast():
+            teacher_logits = self.teacher(self.teacher_input(images))
         self.pool.add(images, teacher_logits.float(), self.calls)
 
     def call_random(self, call: int) -> CallRandom:
@@ -185,10 +210,12 @@ class Synthesizer:
         if self.teacher is None:
             raise RuntimeError(f"{self.method}: bind(teacher, student, normalize) before synthesizing")
         self.calls += 1
-        self.loss_trace = []
+        self.loss_trace, self._call_sums = [], {}
         t0 = time.perf_counter()
         with synthesis_mode(self.teacher, self.student):
-            metrics = self.synthesize(self.call_random(self.calls))
+            self.synthesize(self.call_random(self.calls))
+        steps = max(len(self.loss_trace), 1)
+        metrics = {name: value / steps for name, value in self._call_sums.items()}
         for key, value in metrics.items():
             self._epoch_sums[key] = self._epoch_sums.get(key, 0) + value.detach().float()
         self._epoch_calls += 1

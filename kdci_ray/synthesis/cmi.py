@@ -118,7 +118,7 @@ class CMI(Synthesizer):
         idx = torch.randperm(filled, device=self.device, generator=generator)[: self.cfg.n_negatives]
         return self.bank.index_select(0, idx)
 
-    def synthesize(self, rng: CallRandom) -> dict[str, torch.Tensor]:
+    def synthesize(self, rng: CallRandom) -> None:
         c = self.cfg
         self._reinit_generator(rng.device)
         self.generator.train()
@@ -127,7 +127,6 @@ class CMI(Synthesizer):
         optimizer = torch.optim.Adam([*self.generator.parameters(), z], lr=c.lr_g, betas=c.betas)
         dim = self.bank.shape[1] // 2
         best = BestIterate()
-        sums: dict[str, torch.Tensor] = {}
         for _ in range(c.g_steps):
             x = self.generator(z)
             global_view = self.teacher_input(random_crop_flip(x, c.crop_padding, True, rng.device))
@@ -149,7 +148,7 @@ class CMI(Synthesizer):
                 h_local = F.normalize(self.head(torch.cat([local_features, negatives[:, :dim]])).float(), dim=1)
                 h_global = F.normalize(self.head(torch.cat([global_features, negatives[:, dim:]])).float(), dim=1)
                 terms["cr"] = contrastive_loss(h_local, h_global, c.cr_temperature, n_current=c.batch_size)
-            loss = sum(getattr(c, name) * value for name, value in terms.items())
+            loss = self.weighted(terms)
             if c.cr > 0:
                 best.update(loss, x, torch.cat([local_features, global_features], dim=1))
             else:
@@ -160,13 +159,10 @@ class CMI(Synthesizer):
             optimizer.step()
             if c.cr > 0:
                 self.head_optimizer.step()
-            self.loss_trace.append(loss.detach())
-            for name, value in {**terms, "loss": loss}.items():
-                sums[name] = sums.get(name, 0) + value.detach()
+            self.record(terms, loss)
         self.add_to_pool(best.values[0])
         if c.cr > 0:
             self._add_to_bank(best.values[1])
-        return {name: value / c.g_steps for name, value in sums.items()}
 
     def extra_state(self) -> dict:
         filled = self.bank_filled

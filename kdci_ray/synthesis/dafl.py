@@ -50,10 +50,9 @@ class DAFL(Synthesizer):
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=c.lr_g, betas=c.betas)
         self.bn_stats = BNStatistics(self.teacher) if c.bn > 0 else None
 
-    def synthesize(self, rng: CallRandom) -> dict[str, torch.Tensor]:
+    def synthesize(self, rng: CallRandom) -> None:
         c = self.cfg
         self.generator.train()
-        sums: dict[str, torch.Tensor] = {}
         for _ in range(c.g_steps):
             z = torch.randn(c.batch_size, c.nz, device=self.device, generator=rng.device)
             x = self.generator(z)
@@ -67,15 +66,12 @@ class DAFL(Synthesizer):
                 with self.autocast():
                     s = self.student(inputs)
                 terms["adv"] = adversarial_kl(s, t)
-            loss = sum(getattr(c, name) * value for name, value in terms.items())
+            loss = self.weighted(terms)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            self.loss_trace.append(loss.detach())
-            for name, value in {**terms, "loss": loss}.items():
-                sums[name] = sums.get(name, 0) + value.detach()
+            self.record(terms, loss)
         self.add_to_pool(x)
-        return {name: value / c.g_steps for name, value in sums.items()}
 
     @torch.no_grad()
     def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:

@@ -50,14 +50,13 @@ class DeepInversion(Synthesizer):
         # Valid pixel range in normalised space, per channel: what [0, 1] maps to.
         self.low, self.high = -mean / std, (1 - mean) / std
 
-    def synthesize(self, rng: CallRandom) -> dict[str, torch.Tensor]:
+    def synthesize(self, rng: CallRandom) -> None:
         c = self.cfg
         x = torch.randn((c.batch_size, *self.image_shape), device=self.device, generator=rng.device).requires_grad_(True)
         targets = torch.randint(0, self.num_classes, (c.batch_size,), device=self.device, generator=rng.device).sort().values
         optimizer = torch.optim.Adam([x], lr=c.lr_g, betas=c.betas)
         jitter = c.jitter if c.jitter is not None else self.image_shape[-1] // 8
         best = BestIterate()
-        sums: dict[str, torch.Tensor] = {}
         for _ in range(c.g_steps):
             inputs = self.to_input(jitter_and_flip(x, jitter, c.flip, rng.cpu))
             with self.bn_stats, self.autocast():
@@ -71,16 +70,13 @@ class DeepInversion(Synthesizer):
                 terms["tv"] = total_variation(x)
             if c.l2 > 0:
                 terms["l2"] = x.norm()
-            loss = sum(getattr(c, name) * value for name, value in terms.items())
+            loss = self.weighted(terms)
             best.update(loss, x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             with torch.no_grad():
                 x.copy_(torch.maximum(torch.minimum(x, self.high), self.low))
-            self.loss_trace.append(loss.detach())
-            for name, value in {**terms, "loss": loss}.items():
-                sums[name] = sums.get(name, 0) + value.detach()
+            self.record(terms, loss)
         (best_x,) = best.values
         self.add_to_pool(best_x * self.normalize.std.to(self.device) + self.normalize.mean.to(self.device))
-        return {name: value / c.g_steps for name, value in sums.items()}

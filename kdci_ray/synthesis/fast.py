@@ -67,7 +67,7 @@ class Fast(Synthesizer):
             nn.init.normal_(module.weight, 0.0, 0.02, generator=generator)
             nn.init.zeros_(module.bias)
 
-    def synthesize(self, rng: CallRandom) -> dict[str, torch.Tensor]:
+    def synthesize(self, rng: CallRandom) -> None:
         c = self.cfg
         if c.reset_l0_at_call is not None and self.calls == c.reset_l0_at_call:
             self._reset_first_layers(rng.device)
@@ -85,7 +85,6 @@ class Fast(Synthesizer):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         best = BestIterate()
-        sums: dict[str, torch.Tensor] = {}
         for _ in range(c.g_steps):
             x = self.adapted(z)
             inputs = self.teacher_input(random_crop_flip(x, c.crop_padding, True, rng.device))
@@ -96,16 +95,14 @@ class Fast(Synthesizer):
                 with self.autocast():
                     s = self.student(inputs)
                 terms["adv"] = masked_adversarial_kl(s, t)
-            loss = sum(getattr(c, name) * value for name, value in terms.items())
+            loss = self.weighted(terms)
             best.update(loss, x)
             inner.zero_grad(set_to_none=True)
             loss.backward()
             if c.meta == "fomaml":
                 torch._foreach_add_([p.grad for p in meta_params], [q.grad for q in fast_params])
             inner.step()
-            self.loss_trace.append(loss.detach())
-            for name, value in {**terms, "loss": loss}.items():
-                sums[name] = sums.get(name, 0) + value.detach()
+            self.record(terms, loss)
         if c.meta == "reptile":
             with torch.no_grad():
                 for p, q in zip(meta_params, fast_params):
@@ -114,7 +111,6 @@ class Fast(Synthesizer):
         self.bn_stats.update_ema()
         (best_x,) = best.values
         self.add_to_pool(best_x)
-        return {name: value / c.g_steps for name, value in sums.items()}
 
     def extra_state(self) -> dict:
         return {
