@@ -48,3 +48,14 @@ def test_dfkd_baselines_benchmark_runs_at_toy_size(digits_teacher, tmp_path):
         assert (run["test_top1_compensated"] is not None) == kdci
     assert result["command"].startswith("python benchmarks/dfkd_baselines.py --dataset digits")
     assert "deepinv" in proc.stdout and "top-1" in proc.stdout
+
+
+def test_committed_dfkd_results_are_well_formed():
+    results = sorted((REPO / "benchmarks" / "results").glob("dfkd_baselines-*.json"))
+    assert results, "benchmarks/results/ has no dfkd_baselines results"
+    for path in results:
+        result = json.loads(path.read_text())
+        assert result["command"].startswith("python benchmarks/dfkd_baselines.py"), path
+        methods = {(r["method"], r["kdci"]) for r in result["runs"]}
+        assert methods == {(m, k) for m in ("cmi", "dafl", "deepinv", "fast") for k in (False, True)}, path
+        assert all(0 <= r["test_top1"] <= 100 for r in result["runs"]), path
