@@ -49,13 +49,34 @@ def test_method_distills_digits(method, kdci, digits_teacher, tmp_path):
 
 
 def test_the_loop_hands_the_raw_student_to_the_synthesizer(digits_teacher, tmp_path):
-    cfg = digits_config("fast", digits_teacher, tmp_path, "optim.epochs=1", "synthesis.warmup_calls=0", "synthesis.g_steps=2",
-                        "synthesis.kd_steps_per_call=2")
+    # DeepInv's adversarial JS term is unmasked, so it is non-zero even for an untrained student.
+    cfg = digits_config("deepinv", digits_teacher, tmp_path, "optim.epochs=1", "synthesis.g_steps=2", "synthesis.kd_steps_per_call=2")
     source = make_source(cfg)
-    distill(cfg, source)
+    result = distill(cfg, source)
+    assert result.history[0]["synth_adv"] < 0  # the adversarial term ran (and was not zeroed by a teacher-as-student)
     assert source.student is not source.teacher
-    assert sum(p.numel() for p in source.student.parameters()) < sum(p.numel() for p in source.teacher.parameters())
-    assert type(source.student).__name__ == "SmallCNN" and source.student.fc.in_features == 32  # digits_cnn_small's head
+    # The synthesizer holds the very student that was trained and saved, not a copy or the teacher.
+    saved = load_file(tmp_path / cfg.name / "student.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in source.student.state_dict().items() if k in saved) and len(saved) > 0
+
+
+def test_dictionary_is_built_from_the_pool_and_rebuilt_on_schedule(digits_teacher, tmp_path, monkeypatch):
+    import kdci_ray.engine.distill as loop
+
+    builds = []
+    real = loop.build_dictionary
+
+    def spy(blocks, n, **kw):
+        builds.append((kw["extra"]["epoch"], sum(len(logits) for _, logits in blocks)))
+        return real(blocks, n, **kw)
+
+    monkeypatch.setattr(loop, "build_dictionary", spy)
+    cfg = digits_config("deepinv", digits_teacher, tmp_path, "optim.epochs=4", "kdci.rebuild_every=2", "kdci.n=4",
+                        "synthesis.batch_size=32", "synthesis.g_steps=2", "synthesis.kd_steps_per_call=2")
+    distill_from_config(cfg)
+    # Built when KD starts (epoch 1, after that epoch's first synthesis call) and every 2 epochs, each time
+    # from the whole pool as it is then (one 32-image call per epoch).
+    assert builds == [(1, 32), (3, 96)]
 
 
 @pytest.mark.parametrize("method", METHODS)

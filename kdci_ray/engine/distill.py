@@ -53,12 +53,13 @@ CHECKPOINT_FORMAT = 1
 # Config fields a resumption may change: where things are and how they are computed, not what is
 # trained (device and precision can still change the numerics, the way any hardware change does).
 _RESUME_FREE = {
-    "device", "precision", "channels_last", "resume", "eval_every", "output", "data.root", "data.download", "synthesis.export_pool",
+    "device", "precision", "channels_last", "resume", "eval_every", "output", "data.root", "data.download",
+    "synthesis.export_pool", "synthesis.precision", "synthesis.init_pool",  # a resumed run's pool comes from its checkpoint
 }
 # What the loop writes into a run directory (removed by output.overwrite=true, and nothing else).
 _RUN_FILES = (
     "checkpoint.pt", "checkpoint.pt.tmp", "student.safetensors", "student.json", "dictionary.safetensors", "metrics.json",
-    "config.yaml", "pool.parquet",
+    "config.yaml", "pool.parquet", "pool.parquet.tmp",
 )
 
 

@@ -23,8 +23,10 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
+import pyarrow.parquet as pq
 import torch
 from torch import nn
 
@@ -93,10 +95,12 @@ class Synthesizer:
         self.device = torch.device("cpu")
         self.channels_last = False
         self.autocast = contextlib.nullcontext
-        self.loss_trace: list[torch.Tensor] = []  # total loss per inner step of the last call (diagnostics, tests)
+        # Per inner step of the last call (diagnostics, tests): the total loss and the named terms.
+        self.loss_trace: list[torch.Tensor] = []
+        self.term_trace: list[dict[str, torch.Tensor]] = []
         self._call_sums: dict[str, torch.Tensor] = {}
         self._epoch_sums: dict[str, torch.Tensor] = {}
-        self._epoch_calls = 0
+        self._epoch_counts: dict[str, int] = {}
 
     @property
     def name(self) -> str:
@@ -130,8 +134,6 @@ class Synthesizer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.seed)  # generator / head init: a function of the seed, not of what ran before
             self.setup()
-        if self.cfg.init_pool is not None and self.pool.total_added == 0:
-            self.import_parquet(self.cfg.init_pool)
 
     @torch.no_grad()
     def import_parquet(self, path) -> int:
@@ -172,7 +174,16 @@ class Synthesizer:
 
     def min_dictionary_images(self) -> int:
         """Images available at the first dictionary build (checked against kdci.n before any work)."""
-        return min(self.cfg.pool_size, len(self.pool) + (self.cfg.warmup_calls + 1) * self.cfg.batch_size)
+        initial = self._init_pool_rows() if self.cfg.init_pool is not None else 0
+        return min(self.cfg.pool_size, initial + (self.cfg.warmup_calls + 1) * self.cfg.batch_size)
+
+    def _init_pool_rows(self) -> int:
+        """Rows of synthesis.init_pool from the Parquet footers (no image is read)."""
+        path = Path(self.cfg.init_pool)
+        files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+        if not files or not all(f.is_file() for f in files):
+            raise FileNotFoundError(f"synthesis.init_pool = {path}: no Parquet pool there")
+        return sum(pq.read_metadata(f).num_rows for f in files)
 
     def extra_state(self) -> dict:
         return {}
@@ -188,6 +199,7 @@ class Synthesizer:
     def record(self, terms: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
         """Keep an inner step's terms for the call's mean (on the device: no host sync)."""
         self.loss_trace.append(loss.detach())
+        self.term_trace.append({name: value.detach() for name, value in terms.items()})
         for name, value in {**terms, "loss": loss}.items():
             self._call_sums[name] = self._call_sums.get(name, 0) + value.detach()
 
@@ -210,15 +222,15 @@ class Synthesizer:
         if self.teacher is None:
             raise RuntimeError(f"{self.method}: bind(teacher, student, normalize) before synthesizing")
         self.calls += 1
-        self.loss_trace, self._call_sums = [], {}
+        self.loss_trace, self.term_trace, self._call_sums = [], [], {}
         t0 = time.perf_counter()
         with synthesis_mode(self.teacher, self.student):
             self.synthesize(self.call_random(self.calls))
         steps = max(len(self.loss_trace), 1)
         metrics = {name: value / steps for name, value in self._call_sums.items()}
-        for key, value in metrics.items():
+        for key, value in metrics.items():  # counted per key: a term may be off in some calls (Fast's warm-up)
             self._epoch_sums[key] = self._epoch_sums.get(key, 0) + value.detach().float()
-        self._epoch_calls += 1
+            self._epoch_counts[key] = self._epoch_counts.get(key, 0) + 1
         seconds = time.perf_counter() - t0
         if seconds > 10:  # long calls (DeepInv, CMI) show progress; short ones would flood the log
             log.info("%s: synthesis call %d took %.1f s (pool %d images)", self.method, self.calls, seconds, len(self.pool))
@@ -229,13 +241,15 @@ class Synthesizer:
         return self.cfg.calls_per_epoch * self.cfg.kd_steps_per_call
 
     def begin_epoch(self, epoch: int, distiller) -> None:
-        self._epoch_sums, self._epoch_calls = {}, 0
+        if self.calls == 0 and self.pool.total_added == 0 and self.cfg.init_pool is not None:
+            self.import_parquet(self.cfg.init_pool)  # here, not in bind(): a resumed run takes its pool from the checkpoint
         if self.calls < self.cfg.warmup_calls:
             log.info("%s: %d warm-up synthesis calls before KD", self.method, self.cfg.warmup_calls - self.calls)
             while self.calls < self.cfg.warmup_calls:
                 self.step()
                 if self.calls % max(1, self.cfg.warmup_calls // 5) == 0:
                     log.info("%s: warm-up call %d/%d, pool %d images", self.method, self.calls, self.cfg.warmup_calls, len(self.pool))
+        self._epoch_sums, self._epoch_counts = {}, {}  # an epoch's metrics cover its own calls, not the warm-up
         self.step()  # the epoch's first call runs before the dictionary (re)build, so it sees fresh data
 
     def batches(self, epoch: int, batch_size: int) -> Iterator[torch.Tensor]:
@@ -248,8 +262,7 @@ class Synthesizer:
 
     def epoch_metrics(self) -> dict[str, float]:
         """Mean synthesis loss terms over this epoch's calls (one host sync per epoch)."""
-        n = max(self._epoch_calls, 1)
-        return {f"synth_{key}": float(value) / n for key, value in self._epoch_sums.items()}
+        return {f"synth_{key}": float(value) / self._epoch_counts[key] for key, value in self._epoch_sums.items()}
 
     def state_dict(self) -> dict:
         return {

@@ -81,11 +81,19 @@ class DAFL(Synthesizer):
 
     def dictionary_images(self, batch_size: int = 1024) -> Iterator[torch.Tensor]:
         generator = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self.calls)
-        left = self.cfg.dictionary_samples
-        while left > 0:
-            n = min(batch_size, left)
-            yield self.sample(n, generator)
-            left -= n
+        # Train-mode sampling updates the generator's BN running statistics; building a dictionary
+        # must not change the method's state, so they are put back afterwards.
+        buffers = {name: b.clone() for name, b in self.generator.named_buffers()}
+        try:
+            left = self.cfg.dictionary_samples
+            while left > 0:
+                n = min(batch_size, left)
+                yield self.sample(max(n, 2), generator)  # BN in train mode needs >= 2 samples
+                left -= n
+        finally:
+            with torch.no_grad():
+                for name, b in self.generator.named_buffers():
+                    b.copy_(buffers[name])
 
     def min_dictionary_images(self) -> int:
         return self.cfg.dictionary_samples

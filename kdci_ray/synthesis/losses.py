@@ -39,11 +39,15 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     )
 
 
+def kl_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_t || p_s) for each sample (T = 1), in fp32."""
+    t, s = teacher_logits.float(), student_logits.float()
+    return (F.softmax(t, dim=1) * (F.log_softmax(t, dim=1) - F.log_softmax(s, dim=1))).sum(1)
+
+
 def adversarial_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """-KL(p_t || p_s), batch mean (the generative synthesizers' adversarial term)."""
-    p_t = F.softmax(teacher_logits.float(), dim=1)
-    kl = (p_t * (F.log_softmax(teacher_logits.float(), dim=1) - F.log_softmax(student_logits.float(), dim=1))).sum(1)
-    return -kl.mean()
+    return -kl_per_sample(student_logits, teacher_logits).mean()
 
 
 def adversarial_js(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 3.0) -> torch.Tensor:
@@ -63,10 +67,8 @@ def masked_adversarial_kl(student_logits: torch.Tensor, teacher_logits: torch.Te
     Only samples both networks put in the same class push the generator; the mean runs over the whole
     batch (not the masked count), as in the public code.
     """
-    t, s = teacher_logits.float(), student_logits.float()
-    mask = (s.argmax(1) == t.argmax(1)).float()
-    kl = (F.softmax(t, dim=1) * (F.log_softmax(t, dim=1) - F.log_softmax(s, dim=1))).sum(1)
-    return -(mask * kl).mean()
+    mask = (student_logits.argmax(1) == teacher_logits.argmax(1)).float()
+    return -(mask * kl_per_sample(student_logits, teacher_logits)).mean()
 
 
 def contrastive_loss(local_h: torch.Tensor, global_h: torch.Tensor, temperature: float, n_current: int) -> torch.Tensor:
