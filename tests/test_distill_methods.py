@@ -18,7 +18,7 @@ from kdci_ray.synthesis import SYNTHESIZERS, read_pool_parquet
 REPO = Path(__file__).resolve().parents[1]
 METHODS = SYNTHESIZERS.names()
 # Raw student top-1 (%) measured with the committed digits configs on this 2-core box, seeds 0-2
-# (chance 10 %, teacher ~99 %): dafl off 41.3-44.2 / on 39.8-50.4, deepinv 82.0-86.4 / 81.3-86.2,
+# (chance 10 %, teacher ~99 %): dafl off 41.3-44.2 / on 41.6-51.3, deepinv 82.0-86.4 / 81.3-86.2,
 # fast 46.4-66.7 / 50.4-72.0, cmi 57.3-64.4 / 62.2-64.2. Each bar sits ~10 points under the lowest run.
 THRESHOLDS = {"dafl": 30.0, "deepinv": 70.0, "fast": 35.0, "cmi": 45.0}
 
