@@ -187,6 +187,28 @@ class SynthesisConfig(Section):
     )
 
 
+class WildDataConfig(Section):
+    """Unlabelled real data from another distribution (DFND's wild set, MosaicKD's OOD set): any registered
+    dataset, labels unused, resized to the teacher's input (e.g. tiny-imagenet at 32 px for CIFAR teachers)."""
+
+    dataset: Text = Field(description="registered dataset used without labels (tiny-imagenet, imagenet, imagefolder, digits-wild, ...)")
+    root: Path | None = Field(None, description="its folder or .tar.gz archive")
+    split: Text = "train"
+    limit: Int | None = Field(None, ge=1, description="use only the first N images (smoke runs)")
+    in_memory: Switch = Field(
+        "auto", description="hold the resized pool on the training device (auto: when it has at most max_in_memory images); off: stream from the dataset"
+    )
+    max_in_memory: Int = Field(2_000_000, ge=1, description="largest pool `auto` holds in memory")
+    workers: Int = Field(4, ge=0, description="loader processes when streaming")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        if name not in DATASETS:
+            raise ValueError(DATASETS.unknown_message(name))
+        return name
+
+
 #: method name -> its SynthesisConfig subclass (filled by the method files in kdci_ray.synthesis).
 SYNTHESIS_CONFIGS: Registry = Registry("synthesis method")
 

@@ -1,6 +1,7 @@
 """Dataset registry: `load_dataset(name, root, split)` and `dataset_info(name)`.
 
-Registered: cifar10, cifar100, tiny-imagenet, imagenet, digits. Importing this package registers them.
+Registered: cifar10, cifar100, tiny-imagenet, imagenet, digits, and for unlabelled wild data imagefolder and
+digits-wild. Importing this package registers them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 from . import cifar as _cifar  # noqa: F401  (registers)
 from . import digits as _digits  # noqa: F401
 from . import tiny_imagenet as _tiny  # noqa: F401
+from . import wild as _wild  # noqa: F401
 from .base import DATASETS, ArrayImageDataset, DatasetError, DatasetInfo, FileImageDataset, ImageDataset, cache_root
 from .batches import DeviceBatches, Normalize, random_crop_flip
 from .pool import UnlabeledPool, resize_uint8

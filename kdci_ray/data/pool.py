@@ -52,3 +52,17 @@ class UnlabeledPool(torch.utils.data.Dataset):
             else:
                 batch = torch.stack([self.dataset[i][0] for i in range(lo, hi)])
             yield resize_uint8(batch, self.image_size, self.channels)
+
+    def gather(self, indices) -> torch.Tensor:
+        """uint8 NCHW images at `indices` (in that order), e.g. the rows a selection kept."""
+        indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
+        if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= len(self)):
+            raise IndexError(f"pool rows out of range [0, {len(self)}): {int(indices.min())}..{int(indices.max())}")
+        if len(indices) == 0:
+            return torch.empty(0, self.channels, self.image_size, self.image_size, dtype=torch.uint8)
+        images = getattr(self.dataset, "images", None)
+        if images is not None:
+            batch = torch.from_numpy(images[indices.numpy()]).permute(0, 3, 1, 2)
+        else:
+            batch = torch.stack([self.dataset[int(i)][0] for i in indices])
+        return resize_uint8(batch, self.image_size, self.channels)

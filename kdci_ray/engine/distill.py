@@ -126,20 +126,25 @@ def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
-def kd_step(distiller: Distiller, optimizer: torch.optim.Optimizer, x: torch.Tensor, runtime: Runtime, scaler=None):
+def kd_step(distiller: Distiller, optimizer: torch.optim.Optimizer, x: torch.Tensor, runtime: Runtime, scaler=None, extra_optimizers=()):
     """One KD optimisation step on a prepared batch; returns (DistillOutput, total loss). No host sync
-    (except fp16 loss scaling's inf check, which needs one)."""
+    (except fp16 loss scaling's inf check, which needs one). `extra_optimizers` step too (parameters a
+    method's loss trains next to the student)."""
+    optimizers = [optimizer, *extra_optimizers]
     with runtime.autocast():
         out = distiller(x)
         loss = total_loss(out.losses)
-    optimizer.zero_grad(set_to_none=True)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()
-        scaler.step(optimizer)
+        for opt in optimizers:
+            scaler.step(opt)
         scaler.update()
     else:
         loss.backward()
-        optimizer.step()
+        for opt in optimizers:
+            opt.step()
     return out, loss
 
 
@@ -173,10 +178,14 @@ class _Run:
             self.intervention = CausalIntervention(
                 self.num_classes, k.hidden, k.attention, k.alpha, k.uniform_attention, k.use_prior, k.random_prototypes, seed=cfg.seed
             ).to(runtime.device)
-        self.distiller = Distiller(self.student, self.teacher, KLDivergenceKD(cfg.kd.temperature), self.intervention)
         if hasattr(source, "bind"):  # a synthesizer: its adversarial terms read the raw student, never s'
-            source.bind(teacher=self.teacher, student=self.student, normalize=self.normalize, runtime=runtime)
+            source.bind(teacher=self.teacher, student=self.student, normalize=self.normalize, runtime=runtime, epochs=cfg.optim.epochs)
+        kd_loss = KLDivergenceKD(cfg.kd.temperature)
+        if hasattr(source, "kd_loss"):  # a method's own student terms (DFND's noise adaptation) join the KD loss
+            kd_loss = source.kd_loss(kd_loss)
+        self.distiller = Distiller(self.student, self.teacher, kd_loss, self.intervention)
         self.optimizer = make_optimizer(self.distiller, cfg.optim, runtime.device)
+        self.extra_optimizers = source.kd_optimizers() if hasattr(source, "kd_optimizers") else []
         self.scaler = runtime.grad_scaler()
         self.steps_per_epoch = source.steps_per_epoch(cfg.optim.batch_size)
         if self.steps_per_epoch < 1:
@@ -237,7 +246,7 @@ class _Run:
         for pixels in self.source.batches(epoch, cfg.optim.batch_size):
             pixels = random_crop_flip(pixels, cfg.augment.crop_padding, cfg.augment.hflip, aug)
             x = self.prepare_input(pixels)
-            out, loss = kd_step(self.distiller, self.optimizer, x, self.runtime, self.scaler)
+            out, loss = kd_step(self.distiller, self.optimizer, x, self.runtime, self.scaler, self.extra_optimizers)
             self.scheduler.step()
             # Sums stay on the device: one host sync per epoch, not per step.
             for name, value in out.losses.items():
@@ -454,7 +463,7 @@ def make_source(cfg: DistillConfig) -> SubstitutionSource:
     from ..synthesis import create_synthesizer
 
     if cfg.synthesis is None:
-        raise ValueError("the config has no `synthesis:` section: name a DFKD method (synthesis.method: dafl | deepinv | fast | cmi)")
+        raise ValueError("the config has no `synthesis:` section: name a DFKD method (synthesis.method: dafl | deepinv | fast | cmi | mosaickd | dfnd)")
     info = dataset_info(cfg.data.dataset)
     image_shape = (info.channels, info.image_size, info.image_size)
     return create_synthesizer(cfg.synthesis, image_shape, cfg.teacher.num_classes or info.num_classes, seed=cfg.seed)

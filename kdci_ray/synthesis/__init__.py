@@ -2,7 +2,8 @@
 
 `create_synthesizer(cfg.synthesis, image_shape, num_classes, seed)` builds one; the distillation loop
 binds it to the teacher and the raw student and drives it (see `base.Synthesizer`). Registered:
-dafl, deepinv, fast, cmi. Pools export to / import from Parquet (`pool.read_pool_parquet`).
+generation methods dafl, deepinv, fast, cmi; sampling methods on real wild data mosaickd, dfnd
+(`wild.WildImages`; DFND's shardable selection in `selection.py`). Pools export to / import from Parquet (`pool.read_pool_parquet`).
 """
 
 from __future__ import annotations
@@ -10,11 +11,15 @@ from __future__ import annotations
 from . import cmi as _cmi  # noqa: F401  (registers)
 from . import dafl as _dafl  # noqa: F401
 from . import deepinv as _deepinv  # noqa: F401
+from . import dfnd as _dfnd  # noqa: F401
 from . import fast as _fast  # noqa: F401
+from . import mosaickd as _mosaickd  # noqa: F401
 from .base import BestIterate, CallRandom, Synthesizer, synthesis_mode
 from .hooks import BNStatistics
 from .pool import ImagePool, PoolData, read_pool_parquet, write_pool_parquet
 from .registry import SYNTHESIZERS, create_synthesizer, register_method
+from .selection import Selection, merge_selections, select_top_k, self_confidence, top_k
+from .wild import WildImages
 
 __all__ = [
     "SYNTHESIZERS",
@@ -23,10 +28,16 @@ __all__ = [
     "CallRandom",
     "ImagePool",
     "PoolData",
+    "Selection",
     "Synthesizer",
+    "WildImages",
     "create_synthesizer",
+    "merge_selections",
     "read_pool_parquet",
     "register_method",
+    "select_top_k",
+    "self_confidence",
+    "top_k",
     "synthesis_mode",
     "write_pool_parquet",
 ]

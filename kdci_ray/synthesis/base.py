@@ -110,14 +110,16 @@ class Synthesizer:
         return len(self.pool)
 
     # -- binding to the teacher and the student ---------------------------------------------------
-    def bind(self, teacher: nn.Module, student: nn.Module, normalize: nn.Module, runtime=None) -> None:
-        """Called by the distillation loop once the models exist (`runtime`: its device/precision)."""
+    def bind(self, teacher: nn.Module, student: nn.Module, normalize: nn.Module, runtime=None, epochs: int | None = None) -> None:
+        """Called by the distillation loop once the models exist (`runtime`: its device/precision;
+        `epochs`: the run's length, for methods whose own schedules span the run)."""
         if student is None or student is teacher:
             raise ValueError(
                 f"{self.method}: the student passed to the synthesizer is the teacher; adversarial terms would be "
                 "identically zero. Pass the student being distilled."
             )
         self.teacher, self.student, self.normalize = teacher, student, normalize
+        self.total_epochs = epochs
         if runtime is not None:
             self.device, self.channels_last = runtime.device, runtime.channels_last
         else:
@@ -184,6 +186,15 @@ class Synthesizer:
         if not files or not all(f.is_file() for f in files):
             raise FileNotFoundError(f"synthesis.init_pool = {path}: no Parquet pool there")
         return sum(pq.read_metadata(f).num_rows for f in files)
+
+    def kd_loss(self, base):
+        """The student's loss on a KD batch, given the run's KD loss: the KD loss itself, unless the method
+        adds student terms of its own (DFND's noise adaptation). Same call signature as `base`."""
+        return base
+
+    def kd_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Optimisers of parameters that `kd_loss` trains next to the student (stepped with it)."""
+        return []
 
     def extra_state(self) -> dict:
         return {}
@@ -276,7 +287,8 @@ class Synthesizer:
         if saved != mine:
             raise ValueError(f"synthesizer state is for (method, seed, image shape) {saved}, this one is {mine}; use another run name")
         self.calls = state["calls"]
-        self.pool.load_state_dict(state["pool"])
+        if state["pool"] is not None:  # a method may rebuild its pool from its extra state instead
+            self.pool.load_state_dict(state["pool"])
         self.load_extra_state(state["extra"])
 
     def to_parquet(self, path, metadata: dict | None = None):

@@ -81,3 +81,27 @@ def contrastive_loss(local_h: torch.Tensor, global_h: torch.Tensor, temperature:
     if per_row.shape[0] == n_current:
         return per_row.mean()
     return per_row[:n_current].mean() + per_row[n_current:].mean()
+
+
+def prediction_entropy(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """MosaicKD's align term: mean per-image entropy (nats) of the teacher's prediction; minimised, so
+    each synthetic image is confidently one class."""
+    logp = F.log_softmax(teacher_logits.float(), dim=1)
+    return -(logp.exp() * logp).sum(1).mean()
+
+
+def patch_gan_loss(patch_logits: torch.Tensor, real: bool, reduction: str = "sum") -> torch.Tensor:
+    """Non-saturating BCE GAN loss on a patch discriminator's logit map (N x 1 x h x w), mean over
+    images; `sum` adds the patches of an image (the public MosaicKD scale), `mean` averages them."""
+    target = torch.ones_like(patch_logits) if real else torch.zeros_like(patch_logits)
+    per_patch = F.binary_cross_entropy_with_logits(patch_logits.float(), target.float(), reduction="none")
+    per_image = per_patch.flatten(1)
+    return (per_image.sum(1) if reduction == "sum" else per_image.mean(1)).mean()
+
+
+def noise_adapted_nll(student_logits: torch.Tensor, transition: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """DFND's noise adaptation: the student's class probabilities pass through a row-stochastic
+    transition matrix (p_noisy = p_s @ Q, Q[i, j] = P(teacher says j | true class i)) and are scored
+    against the teacher's pseudo-labels; Q absorbs the teacher's label noise."""
+    p_noisy = F.softmax(student_logits.float(), dim=1) @ transition.float()
+    return F.nll_loss(torch.log(p_noisy.clamp_min(1e-12)), targets)
