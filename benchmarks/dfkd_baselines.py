@@ -1,5 +1,6 @@
-"""The four generation baselines (DAFL, DeepInv, Fast, CMI), each with KDCI off and on, through
-`kdci-ray distill`'s own code path (`distill_from_config` on the committed configs).
+"""The DFKD baselines (generation: DAFL, DeepInv, Fast, CMI; sampling on wild data: MosaicKD, DFND), each
+with KDCI off and on, through `kdci-ray distill`'s own code path (`distill_from_config` on the committed
+configs).
 
 A short schedule (the same for both arms of a method; `SHORT` below, or --set for all runs) replaces
 the public 200-epoch runs, which take hours each. Per run: final raw and compensated test top-1, wall
@@ -8,6 +9,7 @@ for DAFL that is nearly all its synthesis).
 
     # GPU (CIFAR-10, wrn40_2 -> wrn16_1, the shared teacher and data beside the repo):
     python benchmarks/dfkd_baselines.py
+    python benchmarks/dfkd_baselines.py --methods dfnd,mosaickd   # the wild-data pair only
     # this CPU, toy size (what the tests run):
     python benchmarks/dfkd_baselines.py --dataset digits --pair digits_cnn-digits_cnn_small --no-short \
         --set optim.epochs=1 --teacher-weights runs/teachers/digits_cnn.safetensors
@@ -47,6 +49,9 @@ SHORT = {
     "fast": ["optim.epochs=20", "synthesis.warmup_calls=5", "synthesis.adv_after_calls=5", "synthesis.reset_l0_at_call=null",
              "kdci.rebuild_every=5"],
     "cmi": ["optim.epochs=20", "synthesis.g_steps=50", "kdci.rebuild_every=5"],
+    # Sampling methods: the dictionary is built once (their configs); shorter runs only.
+    "dfnd": ["optim.epochs=100", "eval_every=20"],  # 5.8k of the public ~77k steps, same step schedule shape
+    "mosaickd": ["optim.epochs=10", "eval_every=5"],  # 1,180 G/D steps x 5 KD steps (public: 200 epochs)
 }
 
 
@@ -57,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--pair", default="wrn40_2-wrn16_1", help="<teacher>-<student> of the committed configs")
     p.add_argument("--teacher-weights", help="default: the config's")
     p.add_argument("--data-root", help="default: the config's")
+    p.add_argument("--wild-root", help="wild/OOD data root for dfnd and mosaickd (default: the config's)")
     p.add_argument("--no-short", action="store_true", help="do not apply the SHORT schedules (use --set instead)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     p.add_argument("--work-dir", help="run folders (default: a temporary folder)")
@@ -71,6 +77,8 @@ def run_one(method: str, kdci: bool, args, work: Path) -> dict:
         schedule.append(f"teacher.weights={args.teacher_weights}")
     if args.data_root:
         schedule.append(f"data.root={args.data_root}")
+    if args.wild_root and method in ("dfnd", "mosaickd"):
+        schedule.append(f"synthesis.wild.root={args.wild_root}")
     run = [f"kdci.enabled={str(kdci).lower()}", f"output.dir={work}", "output.overwrite=true", f"name={method}-{'kdci' if kdci else 'baseline'}"]
     cfg = load_config(config, DistillConfig, schedule + run)
     t0 = time.perf_counter()
@@ -100,24 +108,32 @@ def main(argv=None) -> int:
     for m in methods:
         SYNTHESIZERS.get(m)  # unknown names fail before any run
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.work_dir or tmp)
-        rows = [run_one(m, kdci, args, work) for m in methods for kdci in (False, True)]
-    print(f"{'method':8} {'KDCI':5} {'top-1':>7} {'comp.':>7} {'wall s':>8} {'KD img/s':>9}")
-    for r in rows:
-        comp = f"{r['test_top1_compensated']:7.2f}" if r["kdci"] else "      -"
-        print(f"{r['method']:8} {'on' if r['kdci'] else 'off':5} {r['test_top1']:7.2f} {comp} {r['wall_seconds']:8.1f} {r['kd_loop_images_per_s']:9.0f}")
     command = "python benchmarks/dfkd_baselines.py" + ("" if argv is None and len(sys.argv) < 2 else " " + shlex.join(sys.argv[1:] if argv is None else argv))
-    result = {
-        "benchmark": "dfkd_baselines", "dataset": args.dataset, "pair": args.pair, "device": device,
-        "torch": torch.__version__, "command": command, "short_schedules": None if args.no_short else SHORT, "runs": rows,
-    }
     tag = "gpu" if torch.cuda.is_available() else "cpu"
     out = Path(args.out) if args.out else (
         Path(os.environ["OUT"]) / "dfkd_baselines.json" if os.environ.get("OUT") else REPO / "benchmarks" / "results" / f"dfkd_baselines-{args.dataset}-{tag}.json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    header = f"{'method':8} {'KDCI':5} {'top-1':>7} {'comp.':>7} {'wall s':>8} {'KD img/s':>9}"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work_dir or tmp)
+        for m in methods:
+            for kdci in (False, True):
+                rows.append(run_one(m, kdci, args, work))
+                r = rows[-1]
+                print(f"{r['method']:8} {'on' if r['kdci'] else 'off':5} {r['test_top1']:7.2f} "
+                      f"{r['test_top1_compensated'] if r['kdci'] else '-':>7} {r['wall_seconds']:8.1f} {r['kd_loop_images_per_s']:9.0f}", flush=True)
+                result = {  # rewritten after every run: a cut benchmark keeps what finished
+                    "benchmark": "dfkd_baselines", "dataset": args.dataset, "pair": args.pair, "device": device,
+                    "torch": torch.__version__, "command": command,
+                    "short_schedules": None if args.no_short else {m: SHORT.get(m, []) for m in methods}, "runs": rows,
+                }
+                out.write_text(json.dumps(result, indent=1))
+    print(header)
+    for r in rows:
+        comp = f"{r['test_top1_compensated']:7.2f}" if r["kdci"] else "      -"
+        print(f"{r['method']:8} {'on' if r['kdci'] else 'off':5} {r['test_top1']:7.2f} {comp} {r['wall_seconds']:8.1f} {r['kd_loop_images_per_s']:9.0f}")
     print(f"wrote {out}")
     return 0
 

@@ -93,7 +93,7 @@ class OptimConfig(Section):
     batch_size: Int = Field(256, ge=1)
     epochs: Int = Field(200, ge=1)
     warmup_epochs: float = Field(0, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "step"] = Field("cosine", description="per step; step: x0.1 at 40 % and 80 % of the run")
 
 
 class AugmentConfig(Section):
