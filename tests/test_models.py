@@ -70,7 +70,7 @@ def test_unknown_model_lists_known():
     with pytest.raises(UnknownNameError) as exc:
         create_model("resnet1000", num_classes=10)
     assert "resnet18" in str(exc.value) and "wrn40_2" in str(exc.value)
-    assert set(classifier_names()) | {"generator"} == set(MODELS.names())
+    assert set(classifier_names()) | {"generator", "patch_discriminator"} == set(MODELS.names())
 
 
 def _keys_file(path):

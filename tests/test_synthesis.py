@@ -22,13 +22,16 @@ TINY = {
     "deepinv": {"batch_size": 32, "g_steps": 5},
     "fast": {"batch_size": 32, "g_steps": 3, "nz": 16, "ngf": 8, "warmup_calls": 0, "adv_after_calls": 0},
     "cmi": {"batch_size": 32, "g_steps": 3, "nz": 16, "ngf": 8, "bank_size": 64, "n_negatives": 16},
+    "mosaickd": {"batch_size": 32, "nz": 16, "ngf": 8, "ndf": 16, "wild": {"dataset": "digits-wild"}},
 }
+# DFND makes no images (it selects wild ones): tests/test_sampling.py.
+SELECTING = {"dfnd"}
 # The adversarial weight each method runs with in the adversarial test (DAFL's public default is 0).
 ADV_ON = {"dafl": {"adv": 1.0}}
 
 
 def test_every_registered_method_has_tiny_settings():
-    assert set(SYNTHESIZERS.names()) == set(TINY) == {"dafl", "deepinv", "fast", "cmi"}
+    assert set(SYNTHESIZERS.names()) == set(TINY) | SELECTING == {"dafl", "deepinv", "fast", "cmi", "mosaickd", "dfnd"}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +89,7 @@ def test_images_have_the_right_shape_range_and_dtype(method, teacher, normalize)
 
 # Terms of each method's own objective that must fall (the adversarial term is off: it is meant to
 # rise as the student is fooled). DAFL's one-hot term trades off against class balance early on.
-OWN_TERMS = {"dafl": ("balance",), "deepinv": ("bn", "oh"), "fast": ("bn", "oh"), "cmi": ("bn", "oh")}
+OWN_TERMS = {"dafl": ("balance",), "deepinv": ("bn", "oh"), "fast": ("bn", "oh"), "cmi": ("bn", "oh"), "mosaickd": ("balance",)}  # its align term trades off against balance (tested with D fixed in test_sampling)
 
 
 @pytest.mark.parametrize("method", sorted(TINY))
@@ -239,7 +242,7 @@ def test_bn_statistics_loss_is_zero_at_the_running_statistics():
 def test_unknown_method_and_bad_fields_are_named():
     base = {"name": "x", "data": {"dataset": "digits"}, "teacher": {"arch": "digits_cnn", "weights": "w.safetensors"},
             "student": {"arch": "digits_cnn_small"}}
-    with pytest.raises(ConfigError, match=r"no such synthesis method 'deepinversion'.*known synthesis methods: cmi, dafl, deepinv, fast"):
+    with pytest.raises(ConfigError, match=r"no such synthesis method 'deepinversion'.*known synthesis methods: cmi, dafl, deepinv, dfnd, fast, mosaickd"):
         validate_config(DistillConfig, {**base, "synthesis": {"method": "deepinversion"}})
     with pytest.raises(ConfigError, match=r"synthesis: g_steps = 0: .*greater than or equal to 1"):
         validate_config(DistillConfig, {**base, "synthesis": {"method": "cmi", "g_steps": 0}})

@@ -39,9 +39,10 @@ class Selection:
 def self_confidence(teacher_logits: torch.Tensor) -> torch.Tensor:
     """-CE(teacher, its own argmax) per image, in fp32 (0 = certain; more negative = less sure)."""
     t = teacher_logits.float()
-    top = t.max(dim=1, keepdim=True).values
-    others = torch.exp(t - top).sum(dim=1) - 1.0  # the argmax contributes exp(0) = 1
-    return -torch.log1p(others.clamp_min(0))
+    top, argmax = t.max(dim=1, keepdim=True)
+    # Sum over the other classes only (not "sum - 1", which rounds tiny remainders away in fp32).
+    others = torch.exp(t - top).scatter(1, argmax, 0.0).sum(dim=1)
+    return -torch.log1p(others)
 
 
 def top_k(scores: torch.Tensor, indices: torch.Tensor, k: int) -> Selection:
@@ -68,10 +69,11 @@ def select_top_k(
     prepare: Callable[[torch.Tensor], torch.Tensor],
     k: int,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    buffer: int = 65536,
 ) -> Selection:
     """Score `(first_row, uint8 batch)` pairs with the teacher and keep the k best rows.
 
-    Memory stays O(k + batch): candidates are reduced to the k best whenever they pass max(2k, 65536).
+    Memory stays O(k + batch): candidates are reduced to the k best whenever they pass max(k, buffer).
     The teacher must be in eval mode (an image's score must not depend on its batch-mates).
     """
     if k < 1:
@@ -86,7 +88,7 @@ def select_top_k(
         pending_scores.append(self_confidence(logits))  # on the device: no sync per batch
         pending_rows.append(torch.arange(first_row, first_row + len(images), dtype=torch.int64))
         pending += len(images)
-        if pending > max(2 * k, 65536):
+        if pending > max(k, buffer):
             kept = merge_selections([kept, Selection(torch.cat(pending_scores).cpu(), torch.cat(pending_rows))], k)
             pending_scores, pending_rows, pending = [], [], 0
     if pending:
