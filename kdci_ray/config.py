@@ -199,7 +199,7 @@ class WildDataConfig(Section):
         "auto", description="hold the resized pool on the training device (auto: when it has at most max_in_memory images); off: stream from the dataset"
     )
     max_in_memory: Int = Field(2_000_000, ge=1, description="largest pool `auto` holds in memory")
-    workers: Int = Field(4, ge=0, description="loader processes when streaming")
+    workers: Int = Field(8, ge=1, description="decoding threads for file-backed pools (ImageNet, imagefolder)")
 
     @field_validator("dataset")
     @classmethod

@@ -89,11 +89,19 @@ def test_teacher_selection_is_exact_and_shardable(teacher, normalize, wild):
     # Streaming with a small buffer exercises the periodic reduction to the k best.
     whole = select_top_k(teacher, wild.batches(64), normalize, k, buffer=600)
     assert whole.indices.tolist() == expected
-    # Shard by shard (row ranges, as the Ray layer splits the pool), then merged.
-    cuts = [0, 1280, 2560, len(wild)]
-    shards = [select_top_k(teacher, wild.batches(64, lo, hi), normalize, k) for lo, hi in zip(cuts, cuts[1:])]
+    # Shard by shard (row ranges, as the Ray layer splits the pool; cuts inside scoring batches and another
+    # batch size per shard), then merged.
+    cuts, sizes = [0, 1000, 2560, len(wild)], [100, 37, 256]
+    shards = [select_top_k(teacher, wild.batches(b, lo, hi), normalize, k) for lo, hi, b in zip(cuts, cuts[1:], sizes)]
     merged = merge_selections(shards, k)
     assert torch.equal(merged.indices, whole.indices) and torch.equal(merged.scores, whole.scores)
+    with pytest.raises(ValueError, match="overlap"):
+        merge_selections([shards[0], shards[0]], k)
+
+
+def test_a_non_finite_teacher_output_ranks_last():
+    logits = torch.tensor([[5.0, 0.0], [float("nan"), 0.0], [1.0, 0.0]])
+    assert top_k(self_confidence(logits), torch.arange(3), 3).indices.tolist() == [0, 2, 1]
 
 
 def test_selection_refuses_a_teacher_in_train_mode(teacher, normalize, wild):
@@ -189,6 +197,8 @@ def test_dfnd_checkpoint_carries_rows_not_pixels(teacher, normalize):
 def test_dfnd_refuses_generation_settings_and_keeps_all_of_a_small_pool(teacher, normalize):
     with pytest.raises(ValueError, match="g_steps.*dfnd synthesizes nothing"):
         create_synthesizer({"method": "dfnd", "wild": {"dataset": "digits-wild"}, "g_steps": 3}, SHAPE, 10)
+    with pytest.raises(ValueError, match="transition_diagonal = 0.1 is at most 1/10"):
+        create_synthesizer({"method": "dfnd", "wild": {"dataset": "digits-wild"}, "transition_diagonal": 0.1}, SHAPE, 10)
     with pytest.raises(ValueError, match="no such dataset 'tiny_imagenet'"):
         create_synthesizer({"method": "dfnd", "wild": {"dataset": "tiny_imagenet"}}, SHAPE, 10)
     synth = create_synthesizer({"method": "dfnd", "wild": {"dataset": "digits-wild", "limit": 100}}, SHAPE, 10)
@@ -230,6 +240,43 @@ def test_mosaickd_generator_learns_to_fool_the_discriminator_and_the_teacher_ter
         assert torch.isfinite(term).all() and term[-5:].mean() < term[:5].mean(), (name, term)
     assert (terms_over(synth, "adv") < 0).all()
     assert terms_over(synth, "balance").min() >= -np.log2(10) - 1e-4  # bounded by the uniform marginal
+
+
+def test_mosaickd_adversarial_term_drives_the_generator_towards_disagreement(teacher, normalize):
+    # Only the adversarial term on (a student that is a noisy copy of the teacher): G must find images
+    # where they disagree, so KL(teacher || student) on its samples rises.
+    synth = mosaickd(teacher, normalize, g_steps=40, local=0.0, align=0.0, balance=0.0, lr_d=1e-9)
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.1 * p.std() * torch.randn_like(p) if p.numel() > 1 else 0)
+    synth.student = student
+    synth.step()
+    kl = -terms_over(synth, "adv")
+    assert kl[-5:].mean() > 1.5 * kl[:5].mean(), kl
+
+
+def test_mosaickd_trains_only_its_generator_and_discriminator(teacher, normalize):
+    synth = mosaickd(teacher, normalize, g_steps=2)
+    student = synth.student
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    g_before = [p.clone() for p in synth.generator.parameters()]
+    d_before = [p.clone() for p in synth.discriminator.parameters()]
+    synth.step()
+    assert all(p.grad is None for p in [*teacher.parameters(), *student.parameters()])
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())  # weights and BN buffers
+    assert any(not torch.equal(a, b) for a, b in zip(g_before, synth.generator.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(d_before, synth.discriminator.parameters()))
+    assert all(p.requires_grad for p in synth.discriminator.parameters())  # unfrozen after G's step
+
+
+def test_mosaickd_cosine_needs_the_run_length(teacher, normalize):
+    synth = create_synthesizer({"method": "mosaickd", "wild": {"dataset": "digits-wild"}}, SHAPE, 10)
+    with pytest.raises(ValueError, match="epochs=N"):
+        synth.bind(teacher, create_model("digits_cnn_small", num_classes=10, in_channels=1), normalize)
+    synth.bind(teacher, create_model("digits_cnn_small", num_classes=10, in_channels=1), normalize, epochs=2)
+    factors = [s.lr_lambdas[0](c) for s in synth.schedulers[:1] for c in (0, 196, 392)]
+    assert factors[0] == 1.0 and 0.4 < factors[1] < 0.6 and factors[2] == 0.0
 
 
 def test_mosaickd_kd_batches_mix_synthetic_and_ood_images(teacher, normalize, wild):

@@ -22,7 +22,7 @@ TINY = {
     "deepinv": {"batch_size": 32, "g_steps": 5},
     "fast": {"batch_size": 32, "g_steps": 3, "nz": 16, "ngf": 8, "warmup_calls": 0, "adv_after_calls": 0},
     "cmi": {"batch_size": 32, "g_steps": 3, "nz": 16, "ngf": 8, "bank_size": 64, "n_negatives": 16},
-    "mosaickd": {"batch_size": 32, "nz": 16, "ngf": 8, "ndf": 16, "wild": {"dataset": "digits-wild"}},
+    "mosaickd": {"batch_size": 32, "nz": 16, "ngf": 8, "ndf": 16, "wild": {"dataset": "digits-wild"}, "lr_schedule": "constant"},
 }
 # DFND makes no images (it selects wild ones): tests/test_sampling.py.
 SELECTING = {"dfnd"}

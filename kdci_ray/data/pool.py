@@ -6,6 +6,8 @@ expects. Batches are produced lazily, so a file-backed pool larger than memory s
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import torch
@@ -29,10 +31,19 @@ def resize_uint8(images: torch.Tensor, size: int, channels: int) -> torch.Tensor
 
 
 class UnlabeledPool(torch.utils.data.Dataset):
-    def __init__(self, dataset: ImageDataset, image_size: int | None = None, channels: int | None = None):
+    def __init__(self, dataset: ImageDataset, image_size: int | None = None, channels: int | None = None, workers: int | None = None):
         self.dataset = dataset
         self.image_size = image_size or dataset.info.image_size
         self.channels = channels or dataset.info.channels
+        # File-backed datasets decode in threads (Pillow releases the GIL while decoding).
+        self.workers = max(1, min(8, os.cpu_count() or 1)) if workers is None else max(1, workers)
+
+    def _decode(self, rows) -> torch.Tensor:
+        rows = [int(i) for i in rows]
+        if self.workers == 1 or len(rows) < 2:
+            return torch.stack([self.dataset[i][0] for i in rows])
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            return torch.stack(list(pool.map(lambda i: self.dataset[i][0], rows)))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -50,7 +61,7 @@ class UnlabeledPool(torch.utils.data.Dataset):
             if images is not None:  # in-memory arrays: slice, no per-image Python work
                 batch = torch.from_numpy(images[lo:hi]).permute(0, 3, 1, 2)
             else:
-                batch = torch.stack([self.dataset[i][0] for i in range(lo, hi)])
+                batch = self._decode(range(lo, hi))
             yield resize_uint8(batch, self.image_size, self.channels)
 
     def gather(self, indices) -> torch.Tensor:
@@ -64,5 +75,5 @@ class UnlabeledPool(torch.utils.data.Dataset):
         if images is not None:
             batch = torch.from_numpy(images[indices.numpy()]).permute(0, 3, 1, 2)
         else:
-            batch = torch.stack([self.dataset[int(i)][0] for i in indices])
+            batch = self._decode(indices.tolist())
         return resize_uint8(batch, self.image_size, self.channels)

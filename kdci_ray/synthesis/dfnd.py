@@ -14,8 +14,13 @@ DFND/DFND-train.py, does not run as published: docs/dfkd-public-defaults-samplin
   (zeros at start: uniform), trained by its own Adam (lr 1e-3);
 - an epoch is one shuffled pass over the selected set; the KDCI dictionary is built once from it
   (../shared/KDCI.md stage a, 3: configs set kdci.rebuild_every 0).
-With KDCI on, both terms of the student loss see the compensated logits s' (both are distillation
-losses against the teacher's outputs); nothing else reads the student.
+With KDCI on, the KD term sees the compensated logits s' and the noise-adapted NLL the raw s (KDCI.md
+stage b: "the baseline's other student terms unchanged").
+Departures from the public script: wild images are normalised with the teacher's statistics (the public
+code scores and trains on them with ImageNet's while testing with CIFAR's); they are resized by the wild
+dataset's loader (ImageNet: shorter side 256, centre 224) and then an antialiased resize to the teacher's
+input (the public code squashes each image to 32 x 32, aspect ratio lost); the x0.1 steps of
+`optim.schedule: step` fall per step at 40 % / 80 % of the run (public: per epoch, the same points).
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ class DFND(Synthesizer):
         c = self.cfg
         if self.wild is None:
             self.wild = WildImages(c.wild, self.image_shape)
-        self.wild.to(self.device)
+        self.wild.to(self.device, hold=False)  # scored in one streamed pass; only the selected rows are kept
         self.n_select = min(c.num_select, len(self.wild))
         if self.pool.capacity != self.n_select or self.pool.device != self.device:
             self.pool = ImagePool(self.n_select, self.image_shape, self.num_classes, self.device)
@@ -97,6 +102,11 @@ class DFND(Synthesizer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.wild: WildImages | None = None
+        if self.cfg.transition_diagonal <= 1 / self.num_classes:
+            raise ValueError(
+                f"synthesis.transition_diagonal = {self.cfg.transition_diagonal} is at most 1/{self.num_classes}: the teacher's "
+                "labels would be no better than chance; set it to the teacher's test accuracy (e.g. 0.95)"
+            )
 
     # -- selection ----------------------------------------------------------------------------------
     def select(self) -> Selection:
@@ -145,10 +155,12 @@ class DFND(Synthesizer):
             return base
         weight = self.cfg.noise_adaptation
 
-        def loss(student_logits, teacher_logits, **batch):
-            terms = dict(base(student_logits, teacher_logits, **batch))
+        def loss(student_logits, teacher_logits, raw_logits=None, **batch):
+            terms = dict(base(student_logits, teacher_logits, raw_logits=raw_logits, **batch))
             targets = teacher_logits.argmax(dim=1)
-            terms["noise_adaptation"] = weight * noise_adapted_nll(student_logits, self.adaptation.matrix(), targets)
+            # KDCI.md stage (b): the KD term takes s', the method's other student terms stay on the raw s.
+            student = student_logits if raw_logits is None else raw_logits
+            terms["noise_adaptation"] = weight * noise_adapted_nll(student, self.adaptation.matrix(), targets)
             return terms
 
         return loss

@@ -11,7 +11,10 @@ the same z; 5 KD steps per call on 256 synthetic + 256 OOD images; KD KL at T = 
 kd.temperature 1). Departures: teacher and student are frozen in eval mode while G trains (the public
 code leaves the student in train mode there, so one synthetic-only batch per call moves its BN
 statistics); the OOD images are normalised with the teacher's statistics (the public code uses the OOD
-set's own for the student half); both halves of the KD batch get the loop's crop+flip augmentation.
+set's own for the student half); both halves of the KD batch get the loop's crop+flip augmentation; OOD
+images are drawn uniformly with replacement (the public code: shuffled passes). For CIFAR-10 teachers
+KDCI.md names CIFAR-100 as the OOD set; it is not available offline here, so the configs use the shared
+Tiny-ImageNet subset (set synthesis.wild to cifar100 where it is).
 The KDCI dictionary is built once (configs: kdci.rebuild_every 0) from the collected data: the OOD set
 plus the synthetic images made so far (../shared/KDCI.md stage a, 3).
 """
@@ -66,13 +69,18 @@ class MosaicKD(Synthesizer):
         channels, size, _ = self.image_shape
         if self.wild is None:
             self.wild = WildImages(c.wild, self.image_shape)
-        self.wild.to(self.device)
+        self.wild.to(self.device)  # held on the device when it fits: every D and KD step draws from it
         self.generator = create_model("generator", nz=c.nz, ngf=c.ngf, img_size=size, nc=channels, start_mult=4).to(self.device)
         self.discriminator = create_model("patch_discriminator", nc=channels, ndf=c.ndf).to(self.device)
         self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=c.lr_g, betas=c.betas)
         self.optimizer_d = torch.optim.Adam(self.discriminator.parameters(), lr=c.lr_d, betas=c.betas)
-        total = c.calls_per_epoch * (self.total_epochs or 1)
         if c.lr_schedule == "cosine":
+            if self.total_epochs is None:
+                raise ValueError(
+                    "mosaickd: synthesis.lr_schedule = cosine spans the run, so bind(..., epochs=N) must give its length "
+                    "(the distillation loop does); or set synthesis.lr_schedule=constant"
+                )
+            total = c.warmup_calls + c.calls_per_epoch * self.total_epochs
             factor = lambda call: 0.5 * (1 + math.cos(math.pi * min(call, total) / total))  # noqa: E731
         else:
             factor = lambda call: 1.0  # noqa: E731

@@ -9,6 +9,9 @@ shard kept each of its rows that could be in the global top k. Ties are broken b
 Score = minus the teacher's cross-entropy on its own argmax, -log p_max, written as
 -log1p(sum_{j != argmax} exp(t_j - t_max)) so that very confident images (p_max within 1e-8 of 1, which
 fp32 rounds to exactly 1) still get distinct scores. Ranking by confidence p_max gives the same order.
+Exactness assumes an image's score does not depend on how it was batched: true in eval mode up to the
+kernels' arithmetic (CPU: bit-identical here, tested; GPU: batch shape can change cuDNN/TF32 algorithms and
+so the last bits of a score, which can only reorder images whose scores differ by that much).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ def self_confidence(teacher_logits: torch.Tensor) -> torch.Tensor:
     top, argmax = t.max(dim=1, keepdim=True)
     # Sum over the other classes only (not "sum - 1", which rounds tiny remainders away in fp32).
     others = torch.exp(t - top).scatter(1, argmax, 0.0).sum(dim=1)
-    return -torch.log1p(others)
+    # A non-finite output (overflow, a broken image) must rank last, never first.
+    return (-torch.log1p(others)).nan_to_num(nan=float("-inf"))
 
 
 def top_k(scores: torch.Tensor, indices: torch.Tensor, k: int) -> Selection:
@@ -59,7 +63,10 @@ def merge_selections(parts: Iterable[Selection], k: int) -> Selection:
     parts = [p for p in parts if len(p)]
     if not parts:
         return Selection.empty()
-    return top_k(torch.cat([p.scores for p in parts]), torch.cat([p.indices for p in parts]), k)
+    indices = torch.cat([p.indices for p in parts])
+    if indices.unique().numel() != len(indices):
+        raise ValueError("merge_selections: the shards overlap (a row was scored twice); split the pool into disjoint row ranges")
+    return top_k(torch.cat([p.scores for p in parts]), indices, k)
 
 
 @torch.no_grad()

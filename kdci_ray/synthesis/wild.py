@@ -23,7 +23,7 @@ class WildImages:
     def __init__(self, cfg: WildDataConfig, image_shape: tuple[int, int, int]):
         channels, size, _ = image_shape
         self.cfg = cfg
-        self.pool = UnlabeledPool(load_dataset(cfg.dataset, cfg.root, cfg.split, limit=cfg.limit), size, channels)
+        self.pool = UnlabeledPool(load_dataset(cfg.dataset, cfg.root, cfg.split, limit=cfg.limit), size, channels, cfg.workers)
         self.images: torch.Tensor | None = None  # the whole pool on the device, when held in memory
         self.device = torch.device("cpu")
         self.name = f"{cfg.dataset}/{cfg.split}"
@@ -35,15 +35,19 @@ class WildImages:
     def in_memory(self) -> bool:
         return self.cfg.in_memory == "on" or (self.cfg.in_memory == "auto" and len(self) <= self.cfg.max_in_memory)
 
-    def to(self, device: torch.device) -> "WildImages":
+    def to(self, device: torch.device, hold: bool = True) -> "WildImages":
+        """Use `device`; with `hold`, also load the pool there when `in_memory` allows (else it streams)."""
         self.device = torch.device(device)
-        if self.in_memory and (self.images is None or self.images.device != self.device):
+        if hold and self.in_memory and (self.images is None or self.images.device != self.device):
             t0 = time.perf_counter()
             c, s = self.pool.channels, self.pool.image_size
             self.images = torch.empty(len(self), c, s, s, dtype=torch.uint8, device=self.device)
             for start, batch in self._stream(4096):
                 self.images[start : start + len(batch)] = batch.to(self.device)
-            log.info("wild pool %s: %d images at %dx%d on %s in %.1f s", self.name, len(self), s, s, self.device, time.perf_counter() - t0)
+            log.info("wild pool %s: %d images at %dx%d (%.2f GB) on %s in %.1f s", self.name, len(self), s, s,
+                     self.images.numel() / 1e9, self.device, time.perf_counter() - t0)
+        elif not hold:
+            self.images = None
         return self
 
     def _stream(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
