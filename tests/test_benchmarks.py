@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -33,21 +35,31 @@ def test_committed_overhead_results_are_well_formed():
         assert abs(result["time_overhead_pct"] - expected) < 0.01, path
 
 
-def test_dfkd_baselines_benchmark_runs_at_toy_size(digits_teacher, tmp_path):
+GENERATION = ("cmi", "dafl", "deepinv", "fast")
+SAMPLING = ("dfnd", "mosaickd")
+
+
+@pytest.mark.parametrize("methods, overrides", [
+    (GENERATION, ["synthesis.calls_per_epoch=1", "synthesis.g_steps=2", "synthesis.kd_steps_per_call=2"]),
+    (SAMPLING, []),  # their digits configs take seconds already; DFND refuses generation settings
+], ids=["generation", "sampling"])
+def test_dfkd_baselines_benchmark_runs_at_toy_size(methods, overrides, digits_teacher, tmp_path):
     out = tmp_path / "dfkd.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "dfkd_baselines.py"), "--dataset", "digits", "--pair", "digits_cnn-digits_cnn_small",
-           "--no-short", "--teacher-weights", str(digits_teacher), "--set", "optim.epochs=1", "--set", "synthesis.calls_per_epoch=1",
-           "--set", "synthesis.g_steps=2", "--set", "synthesis.kd_steps_per_call=2", "--set", "kdci.nredo=1", "--out", str(out)]
+           "--methods", ",".join(methods), "--no-short", "--teacher-weights", str(digits_teacher), "--set", "optim.epochs=1",
+           "--set", "kdci.nredo=1", "--out", str(out)]
+    for override in overrides:
+        cmd += ["--set", override]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     runs = {(r["method"], r["kdci"]): r for r in result["runs"]}
-    assert set(runs) == {(m, k) for m in ("cmi", "dafl", "deepinv", "fast") for k in (False, True)}
+    assert set(runs) == {(m, k) for m in methods for k in (False, True)}
     for (method, kdci), run in runs.items():
         assert 0 <= run["test_top1"] <= 100 and run["wall_seconds"] > 0 and run["epochs"] == 1
         assert (run["test_top1_compensated"] is not None) == kdci
     assert result["command"].startswith("python benchmarks/dfkd_baselines.py --dataset digits")
-    assert "deepinv" in proc.stdout and "top-1" in proc.stdout
+    assert methods[0] in proc.stdout and "top-1" in proc.stdout
 
 
 def test_committed_dfkd_results_are_well_formed():
@@ -57,5 +69,14 @@ def test_committed_dfkd_results_are_well_formed():
         result = json.loads(path.read_text())
         assert result["command"].startswith("python benchmarks/dfkd_baselines.py"), path
         methods = {(r["method"], r["kdci"]) for r in result["runs"]}
-        assert methods == {(m, k) for m in ("cmi", "dafl", "deepinv", "fast") for k in (False, True)}, path
+        assert methods == {(m, k) for m in GENERATION for k in (False, True)}, path
         assert all(0 <= r["test_top1"] <= 100 for r in result["runs"]), path
+
+
+def test_committed_sampling_results_are_well_formed():
+    """The GPU run of the wild-data methods (issue 5): both methods, KDCI off and on, with their commands."""
+    result = json.loads((REPO / "benchmarks" / "results" / "dfkd_sampling-cifar10-wrn40_2-wrn16_1-h100.json").read_text())
+    assert "H100" in result["device"] and len(result["commands"]) == 2
+    assert all(c.startswith("python benchmarks/dfkd_baselines.py --methods ") for c in result["commands"])
+    assert {(r["method"], r["kdci"]) for r in result["runs"]} == {(m, k) for m in SAMPLING for k in (False, True)}
+    assert all(0 <= r["test_top1"] <= 100 and r["overrides"] for r in result["runs"])

@@ -30,7 +30,7 @@ def test_overrides_are_typed():
     "override,expected",
     [
         ("optim.lr=-0.1", "optim.lr = -0.1: Input should be greater than 0"),
-        ("optim.schedule=step", "optim.schedule = 'step': Input should be 'cosine' or 'constant'"),
+        ("optim.schedule=linear", "optim.schedule = 'linear': Input should be 'cosine', 'constant' or 'step'"),
         ("model.arch=resnet35", "no such classifier 'resnet35'; known classifiers: digits_cnn"),
         ("data.dataset=cifar11", "did you mean 'cifar10'"),
         ("optim.epoch=3", "optim.epoch = 3: unknown key"),
