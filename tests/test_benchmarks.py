@@ -76,7 +76,7 @@ def test_committed_dfkd_results_are_well_formed():
 def test_committed_sampling_results_are_well_formed():
     """The GPU run of the wild-data methods (issue 5): both methods, KDCI off and on, with their commands."""
     result = json.loads((REPO / "benchmarks" / "results" / "dfkd_sampling-cifar10-wrn40_2-wrn16_1-h100.json").read_text())
-    assert "H100" in result["device"] and len(result["commands"]) == 2
+    assert "H100" in result["device"] and len(result["commands"]) >= 2
     assert all(c.startswith("python benchmarks/dfkd_baselines.py --methods ") for c in result["commands"])
     assert {(r["method"], r["kdci"]) for r in result["runs"]} == {(m, k) for m in SAMPLING for k in (False, True)}
     assert all(0 <= r["test_top1"] <= 100 and r["overrides"] for r in result["runs"])
