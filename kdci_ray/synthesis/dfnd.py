@@ -87,6 +87,15 @@ class NoiseAdaptation(torch.nn.Module):
 class DFND(Synthesizer):
     cfg: DFNDConfig
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.wild: WildImages | None = None
+        if self.cfg.transition_diagonal <= 1 / self.num_classes:
+            raise ValueError(
+                f"synthesis.transition_diagonal = {self.cfg.transition_diagonal} is at most 1/{self.num_classes}: the teacher's "
+                "labels would be no better than chance; set it to the teacher's test accuracy (e.g. 0.95)"
+            )
+
     def setup(self) -> None:
         c = self.cfg
         if self.wild is None:
@@ -98,15 +107,6 @@ class DFND(Synthesizer):
         self.adaptation = NoiseAdaptation(self.num_classes, c.transition_diagonal).to(self.device)
         self.adaptation_optimizer = torch.optim.Adam(self.adaptation.parameters(), lr=c.lr_transition)
         self.selection: Selection | None = None
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.wild: WildImages | None = None
-        if self.cfg.transition_diagonal <= 1 / self.num_classes:
-            raise ValueError(
-                f"synthesis.transition_diagonal = {self.cfg.transition_diagonal} is at most 1/{self.num_classes}: the teacher's "
-                "labels would be no better than chance; set it to the teacher's test accuracy (e.g. 0.95)"
-            )
 
     # -- selection ----------------------------------------------------------------------------------
     def select(self) -> Selection:
@@ -122,7 +122,7 @@ class DFND(Synthesizer):
         _, logits, _ = self.pool.filled()
         counts = torch.bincount(logits.argmax(1), minlength=self.num_classes).tolist()
         log.info(
-            "dfnd: kept %d of %d wild images (%s) in %.1f s; scores %.4f..%.4f; teacher classes of the kept images: %s",
+            "dfnd: kept %d of %d wild images (%s) in %.1f s; scores %.3g..%.3g; teacher classes of the kept images: %s",
             len(selection), len(self.wild), self.wild.name, time.perf_counter() - t0,
             float(selection.scores[-1]), float(selection.scores[0]), counts,
         )
