@@ -207,18 +207,7 @@ def build_dictionary(
 
     `blocks` is read twice (sample, then assign), so it can stream data larger than memory.
     """
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-        raise DictionaryError(f"dictionary size N must be an integer >= 1, got {n!r}")
-    if feature not in FEATURE_KINDS:
-        raise DictionaryError(f"feature must be one of {', '.join(FEATURE_KINDS)}, got {feature!r}")
-    if max_train_points < n:
-        raise DictionaryError(f"max_train_points = {max_train_points} < N = {n}: k-means needs at least N training points")
-    if niter < 1 or nredo < 1:
-        raise DictionaryError(f"niter and nredo must be >= 1, got {niter} and {nredo}")
-    if pca_dim is not None and pca_dim < 1:
-        raise DictionaryError(f"pca_dim must be >= 1 or unset, got {pca_dim}")
-    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise DictionaryError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    check_build_args(n, feature, max_train_points, niter, nredo, pca_dim, seed)
     n, seed = int(n), int(seed)
     extra = _jsonable(extra or {})  # checked now, not after the k-means work
     gpu = resolve_use_gpu(use_gpu)
@@ -252,18 +241,8 @@ def build_dictionary(
         raise DictionaryError(f"N = {n} prototypes but only {total} substitution samples; lower N (kdci.n) or add data")
     sample = trim(max_train_points)[2][0]
 
-    pca_bias = pca_matrix = None
-    train = sample
-    if pca_dim is not None:
-        d_in = sample.shape[1]
-        if pca_dim > d_in:
-            raise DictionaryError(f"pca_dim = {pca_dim} exceeds the feature dimension {d_in}")
-        pca = faiss.PCAMatrix(d_in, pca_dim)
-        pca.train(sample)
-        # After training faiss holds the projection as y = A x + b, A of shape (pca_dim, d_in).
-        pca_matrix = torch.from_numpy(faiss.vector_to_array(pca.A).astype(np.float32).reshape(pca_dim, d_in).copy())
-        pca_bias = torch.from_numpy(faiss.vector_to_array(pca.b).astype(np.float32).copy())
-        train = project(sample, pca_matrix, pca_bias)
+    pca_matrix, pca_bias = fit_pca(sample, pca_dim)
+    train = project(sample, pca_matrix, pca_bias)
 
     centroids, iterations, inertia = kmeans(train, n, niter=niter, seed=seed, use_gpu=gpu, nredo=nredo)
 
@@ -277,11 +256,41 @@ def build_dictionary(
     assert stats is not None
     if int(stats.counts.sum()) != total:
         raise DictionaryError(f"the blocks changed between passes ({total} rows, then {int(stats.counts.sum())}); pass a deterministic source")
-    return _finish(stats, centroids, total, n, pca_matrix, pca_bias, DictionaryMeta(
+    return finish_dictionary(stats, centroids, total, n, pca_matrix, pca_bias, DictionaryMeta(
         n_requested=n, feature=feature, teacher=teacher, dataset=dataset, samples=total, train_samples=len(train),
         seed=seed, niter=int(niter), nredo=int(nredo), iterations=iterations, inertia=float(inertia), pca_dim=None if pca_dim is None else int(pca_dim),
         extra=extra,
     ))
+
+
+def check_build_args(n, feature: str, max_train_points: int, niter: int, nredo: int, pca_dim: int | None, seed) -> None:
+    """Every argument of a dictionary build checked before any work (shared with the distributed build)."""
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise DictionaryError(f"dictionary size N must be an integer >= 1, got {n!r}")
+    if feature not in FEATURE_KINDS:
+        raise DictionaryError(f"feature must be one of {', '.join(FEATURE_KINDS)}, got {feature!r}")
+    if max_train_points < n:
+        raise DictionaryError(f"max_train_points = {max_train_points} < N = {n}: k-means needs at least N training points")
+    if niter < 1 or nredo < 1:
+        raise DictionaryError(f"niter and nredo must be >= 1, got {niter} and {nredo}")
+    if pca_dim is not None and pca_dim < 1:
+        raise DictionaryError(f"pca_dim must be >= 1 or unset, got {pca_dim}")
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise DictionaryError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+
+
+def fit_pca(sample: np.ndarray, pca_dim: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """faiss PCA on the training sample: (A, b) with y = A x + b, or (None, None) without PCA."""
+    if pca_dim is None:
+        return None, None
+    d_in = sample.shape[1]
+    if pca_dim > d_in:
+        raise DictionaryError(f"pca_dim = {pca_dim} exceeds the feature dimension {d_in}")
+    pca = faiss.PCAMatrix(d_in, pca_dim)
+    pca.train(sample)
+    matrix = torch.from_numpy(faiss.vector_to_array(pca.A).astype(np.float32).reshape(pca_dim, d_in).copy())
+    bias = torch.from_numpy(faiss.vector_to_array(pca.b).astype(np.float32).copy())
+    return matrix, bias
 
 
 def _jsonable(extra: dict) -> dict:
@@ -295,7 +304,7 @@ def _jsonable(extra: dict) -> dict:
     return json.loads(json.dumps(extra, default=convert))
 
 
-def _finish(stats: ClusterStats, centroids: np.ndarray, total: int, n: int, pca_matrix, pca_bias, meta: DictionaryMeta) -> ConfounderDictionary:
+def finish_dictionary(stats: ClusterStats, centroids: np.ndarray, total: int, n: int, pca_matrix, pca_bias, meta: DictionaryMeta) -> ConfounderDictionary:
     filled = stats.counts > 0
     dropped = int((~filled).sum())
     if dropped:

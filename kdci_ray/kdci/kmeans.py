@@ -135,6 +135,21 @@ def kmeans_plusplus(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     return as_float32(centers)
 
 
+def lloyd(stats_of, init: np.ndarray, niter: int, n_points: int) -> tuple[np.ndarray, int, float]:
+    """Lloyd iterations from `init`, where `stats_of(centroids)` returns the training data's ClusterStats
+    (one block in memory, or the sum of shard actors' blocks): (centroids, iterations, mean sq. distance).
+    Stops early once the centroids no longer change (the assignment is then a fixed point)."""
+    centroids = as_float32(init)
+    iterations = 0
+    for iterations in range(1, niter + 1):
+        updated = update_centroids(stats_of(centroids), centroids)
+        converged = np.array_equal(updated, centroids)
+        centroids = updated
+        if converged:
+            break
+    return centroids, iterations, stats_of(centroids).inertia / n_points
+
+
 def kmeans(
     x: np.ndarray,
     k: int,
@@ -148,22 +163,14 @@ def kmeans(
 
     With `nredo` > 1, runs from that many k-means++ seedings (seed, seed+1, ...) and keeps the lowest
     inertia (faiss's `nredo`): one unlucky seeding can merge two clusters and split another.
-    Each run stops early once the centroids no longer change (the assignment is then a fixed point).
     """
     x = as_float32(x)
     if k > len(x):
         raise ValueError(f"k-means: {k} clusters but only {len(x)} points")
     best = None
     for redo in range(1 if init is not None else nredo):
-        centroids = kmeans_plusplus(x, k, seed + redo) if init is None else as_float32(init)
-        iterations = 0
-        for iterations in range(1, niter + 1):
-            updated = update_centroids(cluster_stats(x, centroids, use_gpu), centroids)
-            converged = np.array_equal(updated, centroids)
-            centroids = updated
-            if converged:
-                break
-        inertia = cluster_stats(x, centroids, use_gpu).inertia / len(x)
-        if best is None or inertia < best[2]:
-            best = (centroids, iterations, inertia)
+        start = kmeans_plusplus(x, k, seed + redo) if init is None else as_float32(init)
+        run = lloyd(lambda c: cluster_stats(x, c, use_gpu), start, niter, len(x))
+        if best is None or run[2] < best[2]:
+            best = run
     return best

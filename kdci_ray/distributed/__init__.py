@@ -1,0 +1,13 @@
+"""The Ray layer: orchestration of the plain-PyTorch core on a Ray cluster (or a local Ray).
+
+Nothing here holds training math: stages call the core (`kdci_ray.kdci`, `kdci_ray.synthesis`,
+`kdci_ray.engine`) inside Ray tasks and actors. This is the only package that imports `ray`.
+
+- `session.py`: connect to a cluster or start a local Ray; CPU shares for actor pools.
+- `dictionary.py`: the confounder dictionary built by shard actors (distributed Lloyd k-means).
+"""
+
+from .dictionary import build_dictionary_distributed, dictionary_cache_key
+from .session import actor_cpus, ensure_ray
+
+__all__ = ["actor_cpus", "build_dictionary_distributed", "dictionary_cache_key", "ensure_ray"]

@@ -1,0 +1,191 @@
+"""The confounder dictionary built by Ray actors that hold the data in shards (KDCI stage a, distributed).
+
+Same algorithm as `kdci_ray.kdci.build_dictionary`, split the way faiss's distributed k-means example
+splits it: each shard actor loads its Parquet files once and keeps its rows' features; per Lloyd
+iteration it assigns its rows with faiss and returns per-centroid sums and counts (`ClusterStats`), and
+the driver adds them (in shard order) and updates the centroids. The training sample is the same as the
+single-process build's (row keys depend only on (seed, global row index), `kmeans.row_keys`), k-means++
+seeds from it on the driver, and a last pass sums every row's teacher logits per cluster. Same seed and
+data -> the same dictionary as the single-process build, up to float64 summation order (tested < 1e-4).
+
+Features: the teacher logits stored in the Parquet rows (what `kdci.feature: logits`, the default,
+uses); the teacher that wrote them is checked against `teacher` when given. Dictionaries are cached
+under `cache_dir` by (data files, teacher, N, seed and every k-means setting), so later runs and Tune
+trials reuse them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import operator
+import time
+from functools import reduce
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ..kdci.dictionary import (
+    ConfounderDictionary, DictionaryError, DictionaryMeta, check_build_args, finish_dictionary, fit_pca, project,
+)
+from ..kdci.kmeans import ClusterStats, cluster_stats, kmeans_plusplus, lloyd, row_keys  # noqa: F401
+from .session import actor_cpus, ensure_ray
+
+log = logging.getLogger(__name__)
+
+
+class DictionaryShard:
+    """One actor's rows: teacher logits of a contiguous run of Parquet files starting at global row `offset`."""
+
+    def __init__(self, files: list[str], offset: int):
+        blocks = []
+        for f in files:
+            column = pq.read_table(f, columns=["logits"]).column("logits").combine_chunks()
+            width = column.type.list_size
+            blocks.append(column.flatten().to_numpy().astype(np.float32).reshape(-1, width))
+        self.logits = np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
+        self.offset = offset
+        self.features = self.logits  # kdci.feature = logits
+        self.train = self.assigned = None
+
+    def size(self) -> int:
+        return len(self.logits)
+
+    def candidates(self, seed: int, limit: int):
+        """This shard's `limit` rows with the largest sample keys: (keys, global rows, features)."""
+        keys = row_keys(seed, self.offset, len(self.features))
+        top = np.argpartition(-keys, limit - 1)[:limit] if len(keys) > limit else np.arange(len(keys))
+        return keys[top], top + self.offset, self.features[top]
+
+    def prepare(self, sample_rows: np.ndarray, matrix, bias) -> int:
+        """Keep the (projected) features of this shard's rows in the global training sample."""
+        mine = sample_rows[(sample_rows >= self.offset) & (sample_rows < self.offset + len(self.features))] - self.offset
+        self.assigned = project(self.features, matrix, bias)
+        self.train = self.assigned[mine]
+        return len(mine)
+
+    def train_stats(self, centroids: np.ndarray) -> ClusterStats:
+        return cluster_stats(self.train, centroids)
+
+    def final_stats(self, centroids: np.ndarray) -> ClusterStats:
+        return cluster_stats(self.assigned, centroids, values=self.logits)
+
+
+def pool_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise FileNotFoundError(f"{path}: no Parquet pool there (a .parquet file or a folder of shards)")
+    return files
+
+
+def dictionary_cache_key(files: list[Path], teacher: str, n: int, seed: int, **settings) -> str:
+    """Identity of a build: the data files (name, size, mtime), the teacher, N, the seed and the settings."""
+    ident = {
+        "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        "teacher": teacher, "n": n, "seed": seed, **settings,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _split(rows: list[int], parts: int) -> list[list[int]]:
+    """Contiguous groups of file indices with about equal row counts (order kept: offsets stay global)."""
+    parts = max(1, min(parts, len(rows)))
+    cum = np.cumsum(rows)
+    cuts, last = [], 0
+    for j in range(1, parts):
+        # The file boundary closest to the j-th equal share, leaving at least one file per later group.
+        lo, hi = last + 1, len(rows) - (parts - j)
+        best = min(range(lo, hi + 1), key=lambda c: abs(cum[c - 1] - cum[-1] * j / parts))
+        cuts.append(best)
+        last = best
+    bounds = [0, *cuts, len(rows)]
+    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+
+
+def build_dictionary_distributed(
+    pool: str | Path,
+    n: int,
+    *,
+    seed: int = 0,
+    niter: int = 20,
+    nredo: int = 3,
+    feature: str = "logits",
+    pca_dim: int | None = None,
+    max_train_points: int = 100_000,
+    shards: int = 2,
+    teacher: str = "",
+    dataset: str = "",
+    extra: dict | None = None,
+    cache_dir: str | Path | None = None,
+) -> ConfounderDictionary:
+    """Build (or reuse from `cache_dir`) the dictionary of a Parquet pool with `shards` actors."""
+    check_build_args(n, feature, max_train_points, niter, nredo, pca_dim, seed)
+    if feature != "logits":
+        raise DictionaryError(
+            "the distributed build uses the teacher logits stored in the Parquet pool (kdci.feature: logits); "
+            "penultimate features need the single-process build (kdci_ray.kdci.build_dictionary)"
+        )
+    if shards < 1:
+        raise DictionaryError(f"shards must be >= 1, got {shards}")
+    files = pool_files(pool)
+    metas = [json.loads((pq.read_schema(f).metadata or {}).get(b"kdci_ray", b"{}")) for f in files]
+    if teacher and any(m.get("teacher_id") not in (None, teacher) for m in metas):
+        wrong = next(f for f, m in zip(files, metas) if m.get("teacher_id") not in (None, teacher))
+        raise DictionaryError(f"{wrong}: its logits come from teacher {metas[files.index(wrong)]['teacher_id']}, not {teacher}")
+    settings = {"niter": niter, "nredo": nredo, "feature": feature, "pca_dim": pca_dim, "max_train_points": max_train_points}
+    key = dictionary_cache_key(files, teacher, n, seed, **settings)
+    cached = Path(cache_dir) / f"dictionary-{key}.safetensors" if cache_dir else None
+    if cached is not None and cached.is_file():
+        log.info("dictionary: reusing %s", cached)
+        return ConfounderDictionary.load(cached)
+
+    rows = [pq.read_metadata(f).num_rows for f in files]
+    total = sum(rows)
+    if n > total:
+        raise DictionaryError(f"N = {n} prototypes but only {total} substitution samples; lower N (kdci.n) or add data")
+    groups = _split(rows, min(shards, len(files)))
+    offsets = [sum(rows[: g[0]]) for g in groups]
+    ray = ensure_ray()
+    t0 = time.perf_counter()
+    remote = ray.remote(num_cpus=actor_cpus(len(groups)))(DictionaryShard)
+    actors = [remote.remote([str(files[i]) for i in g], off) for g, off in zip(groups, offsets)]
+    try:
+        # The training sample: the global `max_train_points` largest keys, in row order (as the single build).
+        parts = ray.get([a.candidates.remote(seed, max_train_points) for a in actors])
+        keys, sample_rows, feats = (np.concatenate(x) for x in zip(*parts))
+        if len(keys) > max_train_points:
+            top = np.argpartition(-keys, max_train_points - 1)[:max_train_points]
+            sample_rows, feats = sample_rows[top], feats[top]
+        order = np.argsort(sample_rows)
+        sample_rows, sample = sample_rows[order], np.ascontiguousarray(feats[order])
+        matrix, bias = fit_pca(sample, pca_dim)
+        train = project(sample, matrix, bias)
+        ray.get([a.prepare.remote(sample_rows, matrix, bias) for a in actors])
+
+        def stats_of(centroids):
+            return reduce(operator.add, ray.get([a.train_stats.remote(centroids) for a in actors]))  # in shard order
+
+        best = None
+        for redo in range(nredo):
+            run = lloyd(stats_of, kmeans_plusplus(train, n, seed + redo), niter, len(train))
+            if best is None or run[2] < best[2]:
+                best = run
+        centroids, iterations, inertia = best
+        final = reduce(operator.add, ray.get([a.final_stats.remote(centroids) for a in actors]))
+    finally:
+        for a in actors:
+            ray.kill(a)
+    dictionary = finish_dictionary(final, centroids, total, n, matrix, bias, DictionaryMeta(
+        n_requested=n, feature=feature, teacher=teacher, dataset=dataset, samples=total, train_samples=len(train), seed=seed,
+        niter=int(niter), nredo=int(nredo), iterations=iterations, inertia=float(inertia), pca_dim=pca_dim,
+        extra={**(extra or {}), "shards": len(groups)},
+    ))
+    log.info("dictionary: N=%d from %d rows on %d shard actors in %.1f s", dictionary.n, total, len(groups), time.perf_counter() - t0)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        dictionary.save(cached)
+    return dictionary
+

@@ -1,0 +1,36 @@
+"""Connecting to Ray: a cluster when one is given (`address`, or RAY_ADDRESS as `ray job submit` sets it),
+else a local Ray started for this process. Usage statistics stay off unless the user turned them on."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None):
+    """Initialise Ray once per process and return the `ray` module."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        log.info("ray: connected to %s", address)
+    else:
+        # A local Ray for this process only: no dashboard, nothing listening beyond this machine.
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        log.info("ray: started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
+    return ray
+
+
+def actor_cpus(actors: int, reserve: float = 1.0) -> float:
+    """CPUs per actor so that `actors` actors leave `reserve` CPUs free for Ray Data's read and other
+    stages: an actor pool that takes every CPU starves the stage feeding it and hangs."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    return max(0.05, min(1.0, (total - reserve) / max(1, actors)))

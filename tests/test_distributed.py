@@ -1,0 +1,100 @@
+"""The Ray layer on a real local Ray (2 CPUs): the distributed dictionary build."""
+
+import faiss  # noqa: F401  (before torch)
+import os
+
+import pytest
+import torch
+
+from kdci_ray.kdci.dictionary import DictionaryError, build_dictionary_from_arrays
+from kdci_ray.synthesis import write_pool_parquet
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from kdci_ray.distributed import ensure_ray
+
+    ray = ensure_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def clustered_pool(tmp_path_factory):
+    """Four Parquet shards of unequal size holding 12 clusters of 10-d "teacher logits"."""
+    g = torch.Generator().manual_seed(0)
+    folder = tmp_path_factory.mktemp("pool")
+    centers = torch.randn(12, 10, generator=g) * 4
+    blocks = []
+    for i, rows in enumerate([700, 500, 900, 400]):
+        x = centers[torch.randint(0, 12, (rows,), generator=g)] + torch.randn(rows, 10, generator=g)
+        blocks.append(x)
+        write_pool_parquet(folder / f"part-{i}.parquet", torch.zeros(rows, 1, 2, 2, dtype=torch.uint8), x,
+                           torch.zeros(rows, dtype=torch.long), {"teacher_id": "teacher-a"})
+    return folder, torch.cat(blocks).numpy()
+
+
+@pytest.mark.parametrize("settings", [
+    {"max_train_points": 100_000, "nredo": 2},
+    {"max_train_points": 900, "nredo": 1},  # k-means trains on a sample drawn across the shards
+    {"max_train_points": 2000, "nredo": 2, "pca_dim": 4},
+], ids=["all-rows", "sampled", "pca"])
+def test_shard_actors_build_the_single_process_dictionary(settings, ray_local, clustered_pool, tmp_path):
+    from kdci_ray.distributed import build_dictionary_distributed
+
+    folder, logits = clustered_pool
+    single = build_dictionary_from_arrays(logits, 12, seed=3, block_rows=333, **settings)
+    distributed = build_dictionary_distributed(folder, 12, seed=3, shards=2, teacher="teacher-a", **settings)
+    assert distributed.meta.extra["shards"] == 2 and distributed.meta.samples == len(logits)
+    assert distributed.meta.train_samples == single.meta.train_samples
+    assert torch.allclose(distributed.prototypes, single.prototypes, atol=1e-4)
+    assert torch.allclose(distributed.priors, single.priors, atol=1e-4)
+    assert torch.allclose(distributed.centroids, single.centroids, atol=1e-4)
+
+
+def test_both_actors_hold_rows_and_do_work(ray_local, clustered_pool):
+    from kdci_ray.distributed.dictionary import DictionaryShard, _split, pool_files
+
+    folder, _ = clustered_pool
+    files = pool_files(folder)
+    groups = _split([700, 500, 900, 400], 2)
+    assert groups == [[0, 1], [2, 3]]
+    actors = [ray_local.remote(num_cpus=0.5)(DictionaryShard).remote([str(files[i]) for i in g], off) for g, off in zip(groups, [0, 1200])]
+    sizes = ray_local.get([a.size.remote() for a in actors])
+    assert sizes == [1200, 1300]
+    import numpy as np
+
+    held = ray_local.get([a.prepare.remote(np.arange(0, 2500, 5), None, None) for a in actors])
+    assert held == [240, 260]  # each trains on its own share of the sample
+    stats = ray_local.get([a.train_stats.remote(np.zeros((3, 10), np.float32)) for a in actors])
+    assert [int(s.counts.sum()) for s in stats] == [240, 260]
+
+
+def test_dictionaries_are_cached_by_data_teacher_n_and_seed(ray_local, clustered_pool, tmp_path):
+    from kdci_ray.distributed import build_dictionary_distributed
+
+    folder, _ = clustered_pool
+    cache = tmp_path / "cache"
+    first = build_dictionary_distributed(folder, 8, seed=1, cache_dir=cache, nredo=1)
+    assert len(list(cache.glob("dictionary-*.safetensors"))) == 1
+    again = build_dictionary_distributed(folder, 8, seed=1, cache_dir=cache, nredo=1)
+    assert torch.equal(first.prototypes, again.prototypes) and len(list(cache.glob("*"))) == 1
+    build_dictionary_distributed(folder, 8, seed=2, cache_dir=cache, nredo=1)
+    build_dictionary_distributed(folder, 6, seed=1, cache_dir=cache, nredo=1)
+    assert len(list(cache.glob("*"))) == 3
+
+
+def test_bad_requests_fail_before_any_actor_starts(ray_local, clustered_pool, tmp_path):
+    from kdci_ray.distributed import build_dictionary_distributed
+
+    folder, _ = clustered_pool
+    with pytest.raises(DictionaryError, match="from teacher teacher-a, not teacher-b"):
+        build_dictionary_distributed(folder, 8, teacher="teacher-b")
+    with pytest.raises(DictionaryError, match="only 2500 substitution samples"):
+        build_dictionary_distributed(folder, 3000, max_train_points=5000)
+    with pytest.raises(DictionaryError, match="penultimate features need the single-process build"):
+        build_dictionary_distributed(folder, 8, feature="penultimate")
+    with pytest.raises(FileNotFoundError, match="no Parquet pool"):
+        build_dictionary_distributed(tmp_path / "nothing", 8)
