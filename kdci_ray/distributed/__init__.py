@@ -4,10 +4,13 @@ Nothing here holds training math: stages call the core (`kdci_ray.kdci`, `kdci_r
 `kdci_ray.engine`) inside Ray tasks and actors. This is the only package that imports `ray`.
 
 - `session.py`: connect to a cluster or start a local Ray; CPU shares for actor pools.
+- `generate.py`: substitution data on Ray Data (synthesis tasks on an actor pool -> Parquet shards +
+  manifest; DFND's selection over shards of the wild pool).
 - `dictionary.py`: the confounder dictionary built by shard actors (distributed Lloyd k-means).
 """
 
 from .dictionary import build_dictionary_distributed, dictionary_cache_key
+from .generate import generate, select_wild
 from .session import actor_cpus, ensure_ray
 
-__all__ = ["actor_cpus", "build_dictionary_distributed", "dictionary_cache_key", "ensure_ray"]
+__all__ = ["actor_cpus", "build_dictionary_distributed", "dictionary_cache_key", "ensure_ray", "generate", "select_wild"]

@@ -148,30 +148,47 @@ def kd_step(distiller: Distiller, optimizer: torch.optim.Optimizer, x: torch.Ten
     return out, loss
 
 
+@dataclass
+class Models:
+    """The teacher (frozen, on the device), a fresh student and the teacher's input normalisation."""
+
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    normalize: torch.nn.Module
+    num_classes: int
+    mean: list[float]
+    std: list[float]
+    teacher_id: str
+
+
+def load_models(cfg: DistillConfig, runtime: Runtime) -> Models:
+    """What a run (or a generation worker) starts from: the config's teacher, student and normalisation."""
+    info = dataset_info(cfg.data.dataset)
+    teacher, card = load_classifier(
+        cfg.teacher.weights, cfg.teacher.arch, cfg.teacher.num_classes or info.num_classes, info.channels, map_location="cpu"
+    )
+    teacher = runtime.prepare(teacher)
+    if cfg.student.num_classes not in (None, card.num_classes):
+        raise ValueError(f"student.num_classes = {cfg.student.num_classes} but the teacher has {card.num_classes} classes; leave it unset")
+    mean, std = list(card.normalize_mean or info.mean), list(card.normalize_std or info.std)
+    student = runtime.prepare(create_model(cfg.student.arch, num_classes=card.num_classes, in_channels=info.channels))
+    return Models(teacher, student, Normalize(mean, std).to(runtime.device), card.num_classes, mean, std, teacher_fingerprint(teacher))
+
+
 class _Run:
     """Everything one distillation run holds; `distill()` below is the readable entry point."""
 
     def __init__(self, cfg: DistillConfig, source: SubstitutionSource, runtime: Runtime):
         self.cfg, self.source, self.runtime = cfg, source, runtime
         info = dataset_info(cfg.data.dataset)
-        self.teacher, card = load_classifier(
-            cfg.teacher.weights, cfg.teacher.arch, cfg.teacher.num_classes or info.num_classes, info.channels, map_location="cpu"
-        )
-        self.teacher = runtime.prepare(self.teacher)
-        self.num_classes = card.num_classes
-        if cfg.student.num_classes not in (None, card.num_classes):
-            raise ValueError(f"student.num_classes = {cfg.student.num_classes} but the teacher has {card.num_classes} classes; leave it unset")
-        self.mean = list(card.normalize_mean or info.mean)
-        self.std = list(card.normalize_std or info.std)
-        self.normalize = Normalize(self.mean, self.std).to(runtime.device)
-        self.teacher_id = teacher_fingerprint(self.teacher)
+        models = load_models(cfg, runtime)
+        self.teacher, self.student, self.normalize = models.teacher, models.student, models.normalize
+        self.num_classes, self.mean, self.std, self.teacher_id = models.num_classes, models.mean, models.std, models.teacher_id
         test_split = cfg.data.test_split or info.eval_split
         self.test_set = load_dataset(cfg.data.dataset, cfg.data.root, test_split, cfg.data.download, cfg.data.limit)
         check_labeled(self.test_set)
         self.info = info
 
-        student = create_model(cfg.student.arch, num_classes=self.num_classes, in_channels=info.channels)
-        self.student = runtime.prepare(student)
         k = cfg.kdci
         self.intervention = None
         if k.enabled:

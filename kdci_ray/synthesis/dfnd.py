@@ -60,7 +60,8 @@ class DFNDConfig(SynthesisConfig):
 
     @model_validator(mode="after")
     def _no_synthesis_settings(self) -> "DFNDConfig":
-        given = sorted(set(_NOT_USED) & self.model_fields_set)
+        # Non-default values, not "keys present": a dumped config (config.yaml, checkpoints) lists every field.
+        given = sorted(f for f in _NOT_USED if getattr(self, f) != SynthesisConfig.model_fields[f].default)
         if given:
             raise ValueError(
                 f"{', '.join(given)}: dfnd synthesizes nothing and does not use these; remove them "

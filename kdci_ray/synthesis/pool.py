@@ -126,9 +126,11 @@ class PoolData:
 
 
 def write_pool_parquet(
-    path: str | Path, images: torch.Tensor, logits: torch.Tensor, calls: torch.Tensor, metadata: dict | None = None
+    path: str | Path, images: torch.Tensor, logits: torch.Tensor, calls: torch.Tensor, metadata: dict | None = None,
+    columns: dict[str, str | int] | None = None,
 ) -> Path:
-    """Write images (uint8 NCHW) + teacher logits + synthesis call as Parquet; atomic (tmp + rename)."""
+    """Write images (uint8 NCHW) + teacher logits + synthesis call as Parquet; atomic (tmp + rename).
+    `columns`: constant per-row columns (e.g. method, seed, shard, config hash of a generation job)."""
     path = Path(path)
     images = images.detach().cpu().contiguous()
     if images.dtype != torch.uint8 or images.ndim != 4:
@@ -142,6 +144,7 @@ def write_pool_parquet(
             "image": pa.array([row.tobytes() for row in flat], type=pa.binary()),
             "logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.detach().cpu().float().numpy().reshape(-1)), num_classes),
             "call": pa.array(calls.detach().cpu().numpy().astype(np.int64)),
+            **{name: pa.array([value] * n) for name, value in (columns or {}).items()},
         }
     ).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
     path.parent.mkdir(parents=True, exist_ok=True)
