@@ -95,6 +95,13 @@ class SynthesisWorker(_Worker):
         return {k: np.asarray(v) for k, v in out_rows.items()}
 
 
+def _pool(ray, size: int):
+    """A fixed actor pool that starts every actor before handing out tasks, one task per actor at a time:
+    tasks are long (a whole shard), so spreading them beats queueing them on the first actor up."""
+    ray.data.DataContext.get_current().wait_for_min_actors_s = 600
+    return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
+
+
 def _resources(actors: int) -> dict:
     if torch.cuda.is_available():
         return {"num_gpus": 1}
@@ -134,7 +141,7 @@ def generate(cfg: DistillConfig, out: str | Path, shards: int, calls_per_shard: 
     if tasks:
         ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
         ds = ds.map_batches(SynthesisWorker, fn_constructor_args=(cfg.model_dump(mode="json"),), batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=min(actors, len(tasks))), **_resources(actors))
+                            compute=_pool(ray, min(actors, len(tasks))), **_resources(actors))
         results = ds.take_all()
     seconds = time.perf_counter() - t0
     log.info("generate: %d shards (%d new) in %.1f s", shards, len(tasks), seconds)
@@ -179,7 +186,7 @@ def select_wild(cfg: DistillConfig, out: str | Path, shards: int, actors: int = 
     t0 = time.perf_counter()
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(SelectionWorker, fn_constructor_args=(cfg.model_dump(mode="json"),), batch_size=1,
-                        compute=ray.data.ActorPoolStrategy(size=min(actors, len(tasks))), **_resources(actors))
+                        compute=_pool(ray, min(actors, len(tasks))), **_resources(actors))
     rows = ds.take_all()
     selection = merge_selections([Selection(torch.tensor(r["scores"]), torch.tensor(r["indices"])) for r in rows], k)
     # The kept images with the teacher's logits, written by the driver (k images: small next to the pool).
