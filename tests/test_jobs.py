@@ -1,0 +1,74 @@
+"""The `jobs/` entry points: run as scripts on a local Ray, and submitted with `ray job submit` to a
+`ray start --head` cluster on 127.0.0.1 (token auth on, as recent Ray turns it on)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def job(*args, timeout=600):
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=ENV)
+    return proc.returncode, proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "", proc.stderr
+
+
+def test_synthesize_then_build_dictionary_jobs_on_a_local_ray(digits_teacher, tmp_path):
+    config = REPO / "configs" / "deepinv-digits-digits_cnn-digits_cnn_small.yaml"
+    common = ["--config", config, "--set", f"teacher.weights={digits_teacher}"]
+    rc, line, err = job("jobs/synthesize.py", *common, "--set", "synthesis.batch_size=16", "--set", "synthesis.g_steps=2",
+                        "--out", tmp_path / "pool", "--shards", 2, "--calls-per-shard", 2)
+    assert rc == 0, err[-3000:]
+    summary = json.loads(line)
+    assert summary["rows"] == 2 * 2 * 16 and summary["files"] == 2 and summary["method"] == "deepinv"
+    rc, line, err = job("jobs/build_dictionary.py", *common, "--set", "kdci.n=8", "--pool", tmp_path / "pool",
+                        "--cache-dir", tmp_path / "cache", "--out", tmp_path / "dictionary.safetensors")
+    assert rc == 0, err[-3000:]
+    built = json.loads(line)
+    assert built["n"] == 8 and built["samples"] == 64 and (tmp_path / "dictionary.safetensors").is_file()
+    # A second run into the same folder is refused with a one-line message (exit 2), nothing overwritten.
+    before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "pool").iterdir())
+    rc, _, err = job("jobs/synthesize.py", *common, "--out", tmp_path / "pool")
+    assert rc == 2 and "already holds files" in err
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "pool").iterdir()) == before
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    port, dashboard = free_port(), free_port()
+    env = {**ENV, "RAY_AUTH_MODE": "token"}
+    start = subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                            f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
+                           capture_output=True, text=True, timeout=180, env=env)
+    assert start.returncode == 0, start.stderr[-3000:]
+    try:
+        yield ray_cli, f"http://127.0.0.1:{dashboard}", env
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120, env=env)
+
+
+def test_ray_job_submit_runs_a_job_against_a_head_on_localhost(ray_head, digits_teacher, tmp_path):
+    ray_cli, address, env = ray_head
+    out = tmp_path / "submitted"
+    # The job runs in the uploaded working dir on the cluster: paths it reads and writes are absolute.
+    cmd = [ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+           "python", "jobs/synthesize.py", "--config", "configs/deepinv-digits-digits_cnn-digits_cnn_small.yaml",
+           "--set", f"teacher.weights={digits_teacher}", "--set", "synthesis.batch_size=16", "--set", "synthesis.g_steps=2",
+           "--out", str(out), "--shards", "2", "--calls-per-shard", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert proc.returncode == 0 and "succeeded" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["rows"] == 32
