@@ -80,3 +80,22 @@ def test_committed_sampling_results_are_well_formed():
     assert all(c.startswith("python benchmarks/dfkd_baselines.py --methods ") for c in result["commands"])
     assert {(r["method"], r["kdci"]) for r in result["runs"]} == {(m, k) for m in SAMPLING for k in (False, True)}
     assert all(0 <= r["test_top1"] <= 100 and r["overrides"] for r in result["runs"])
+
+
+def test_ray_pipeline_benchmark_runs_at_toy_size(digits_teacher, tmp_path):
+    out = tmp_path / "ray.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "ray_pipeline.py"), "--rows", "4000", "--shards", "2", "--calls", "1",
+           "--teacher-weights", str(digits_teacher), "--set", "synthesis.batch_size=16", "--set", "synthesis.g_steps=2", "--n", "8",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["workers"] for r in result["runs"]] == [1, 2]
+    assert all(r["generation_images"] == 32 and r["kmeans_seconds"] > 0 for r in result["runs"])
+    assert set(result["runs"][1]["kmeans_phase_seconds"]) == {"load_and_sample", "kmeans_plusplus", "lloyd", "final_assignment"}
+
+
+def test_committed_ray_pipeline_results_are_well_formed():
+    result = json.loads((REPO / "benchmarks" / "results" / "ray_pipeline-cpu.json").read_text())
+    assert result["command"].startswith("python benchmarks/ray_pipeline.py")
+    assert [r["workers"] for r in result["runs"]] == [1, 2] and all(r["generation_images_per_s"] > 0 for r in result["runs"])

@@ -31,7 +31,7 @@ from ..kdci.dictionary import (
     ConfounderDictionary, DictionaryError, DictionaryMeta, check_build_args, finish_dictionary, fit_pca, project,
 )
 from ..kdci.kmeans import ClusterStats, cluster_stats, kmeans_plusplus, lloyd, row_keys  # noqa: F401
-from .session import actor_cpus, ensure_ray
+from .session import actor_cpus, ensure_ray, limit_threads_to_cpu_share
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class DictionaryShard:
     """One actor's rows: teacher logits of a contiguous run of Parquet files starting at global row `offset`."""
 
     def __init__(self, files: list[str], offset: int):
+        limit_threads_to_cpu_share()
         blocks = []
         for f in files:
             column = pq.read_table(f, columns=["logits"]).column("logits").combine_chunks()
@@ -152,6 +153,13 @@ def build_dictionary_distributed(
     t0 = time.perf_counter()
     remote = ray.remote(num_cpus=actor_cpus(len(groups)))(DictionaryShard)
     actors = [remote.remote([str(files[i]) for i in g], off) for g, off in zip(groups, offsets)]
+    phases, mark = {}, time.perf_counter()
+
+    def lap(name):  # wall time per phase, for the benchmark and the log
+        nonlocal mark
+        phases[name] = round(time.perf_counter() - mark, 3)
+        mark = time.perf_counter()
+
     try:
         # The training sample: the global `max_train_points` largest keys, in row order (as the single build).
         parts = ray.get([a.candidates.remote(seed, max_train_points) for a in actors])
@@ -164,26 +172,33 @@ def build_dictionary_distributed(
         matrix, bias = fit_pca(sample, pca_dim)
         train = project(sample, matrix, bias)
         ray.get([a.prepare.remote(sample_rows, matrix, bias) for a in actors])
+        lap("load_and_sample")
 
         def stats_of(centroids):
             return reduce(operator.add, ray.get([a.train_stats.remote(centroids) for a in actors]))  # in shard order
 
-        best = None
+        best, phases["kmeans_plusplus"], phases["lloyd"] = None, 0.0, 0.0
         for redo in range(nredo):
-            run = lloyd(stats_of, kmeans_plusplus(train, n, seed + redo), niter, len(train))
+            init = kmeans_plusplus(train, n, seed + redo)  # on the driver, from the sample (as the single build)
+            phases["kmeans_plusplus"] += round(time.perf_counter() - mark, 3)
+            mark = time.perf_counter()
+            run = lloyd(stats_of, init, niter, len(train))
+            phases["lloyd"] += round(time.perf_counter() - mark, 3)
+            mark = time.perf_counter()
             if best is None or run[2] < best[2]:
                 best = run
         centroids, iterations, inertia = best
         final = reduce(operator.add, ray.get([a.final_stats.remote(centroids) for a in actors]))
+        lap("final_assignment")
     finally:
         for a in actors:
             ray.kill(a)
     dictionary = finish_dictionary(final, centroids, total, n, matrix, bias, DictionaryMeta(
         n_requested=n, feature=feature, teacher=teacher, dataset=dataset, samples=total, train_samples=len(train), seed=seed,
         niter=int(niter), nredo=int(nredo), iterations=iterations, inertia=float(inertia), pca_dim=pca_dim,
-        extra={**(extra or {}), "shards": len(groups)},
+        extra={**(extra or {}), "shards": len(groups), "seconds": phases},
     ))
-    log.info("dictionary: N=%d from %d rows on %d shard actors in %.1f s", dictionary.n, total, len(groups), time.perf_counter() - t0)
+    log.info("dictionary: N=%d from %d rows on %d shard actors in %.1f s %s", dictionary.n, total, len(groups), time.perf_counter() - t0, phases)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         dictionary.save(cached)

@@ -34,7 +34,7 @@ from ..synthesis import create_synthesizer, merge_selections, select_top_k
 from ..synthesis.pool import write_pool_parquet
 from ..synthesis.selection import Selection
 from ..synthesis.wild import WildImages
-from .session import actor_cpus, ensure_ray
+from .session import actor_cpus, ensure_ray, limit_threads_to_cpu_share
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -62,6 +62,7 @@ class _Worker:
     """One actor: the config's models loaded once, then any number of tasks."""
 
     def __init__(self, cfg_json: dict):
+        limit_threads_to_cpu_share()
         self.cfg = validate_config(DistillConfig, cfg_json, "generation config")
         self.runtime = resolve_runtime(self.cfg.device, self.cfg.precision, self.cfg.channels_last)
         torch.manual_seed(self.cfg.seed)  # the offline student's initialisation

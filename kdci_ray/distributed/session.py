@@ -34,3 +34,19 @@ def actor_cpus(actors: int, reserve: float = 1.0) -> float:
 
     total = float(ray.cluster_resources().get("CPU", 1.0))
     return max(0.05, min(1.0, (total - reserve) / max(1, actors)))
+
+
+def limit_threads_to_cpu_share() -> None:
+    """Inside an actor: torch and faiss threads = its CPU share (at least 1), so actors sharing a node do not
+    oversubscribe it. Outside Ray workers (the driver) nothing changes."""
+    import faiss
+    import ray
+    import torch
+
+    try:
+        share = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except AssertionError:  # not a worker process
+        return
+    if share:
+        torch.set_num_threads(max(1, int(share)))
+        faiss.omp_set_num_threads(max(1, int(share)))

@@ -1,0 +1,103 @@
+"""The Ray stages with 1 vs 2 workers: generation throughput on Ray Data (synthesis tasks on an actor pool)
+and the distributed k-means dictionary build (shard actors), each timed end to end on a local Ray.
+
+    python benchmarks/ray_pipeline.py                       # this machine (CPU): digits DeepInv, 400k-row pool
+    python benchmarks/ray_pipeline.py --rows 20000 --shards 2 --calls 1   # toy size (what the tests run)
+
+Prints a short table; writes JSON to --out (default: $OUT/ray_pipeline.json, else
+benchmarks/results/ray_pipeline-<cpu|gpu>.json).
+"""
+
+from __future__ import annotations
+
+import faiss  # noqa: F401  (before torch)
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from kdci_ray.config import DistillConfig, load_config  # noqa: E402
+from kdci_ray.distributed import build_dictionary_distributed, ensure_ray, generate  # noqa: E402
+from kdci_ray.synthesis import write_pool_parquet  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", default="1,2", help="worker counts to compare")
+    p.add_argument("--config", default=str(REPO / "configs" / "deepinv-digits-digits_cnn-digits_cnn_small.yaml"))
+    p.add_argument("--teacher-weights", default=str(REPO / "runs" / "teachers" / "digits_cnn.safetensors"))
+    p.add_argument("--shards", type=int, default=4, help="synthesis tasks per generation run")
+    p.add_argument("--calls", type=int, default=2, help="synthesis calls per task")
+    p.add_argument("--set", action="append", default=["synthesis.batch_size=128", "synthesis.g_steps=100"], metavar="KEY=VALUE")
+    p.add_argument("--rows", type=int, default=400_000, help="rows of the synthetic logits pool for k-means")
+    p.add_argument("--n", type=int, default=128, help="dictionary size N")
+    p.add_argument("--out")
+    return p.parse_args(argv)
+
+
+def logits_pool(folder: Path, rows: int, files: int = 8, classes: int = 10, seed: int = 0) -> None:
+    """A pool of `rows` teacher-logit-like rows (Gaussian clusters) in `files` Parquet shards."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(64, classes, generator=g) * 4
+    per = rows // files
+    for i in range(files):
+        x = centers[torch.randint(0, 64, (per,), generator=g)] + torch.randn(per, classes, generator=g)
+        write_pool_parquet(folder / f"part-{i:05d}.parquet", torch.zeros(per, 1, 1, 1, dtype=torch.uint8), x, torch.zeros(per, dtype=torch.long))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    workers = [int(w) for w in args.workers.split(",")]
+    ray = ensure_ray()
+    cpus = ray.cluster_resources().get("CPU")
+    cfg = load_config(args.config, DistillConfig, [f"teacher.weights={args.teacher_weights}", *args.set])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        logits_pool(tmp / "logits", args.rows)
+        for w in workers:
+            t0 = time.perf_counter()
+            manifest = generate(cfg, tmp / f"gen-{w}", shards=args.shards, calls_per_shard=args.calls, actors=w)
+            gen_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            d = build_dictionary_distributed(tmp / "logits", args.n, seed=0, nredo=1, niter=20, max_train_points=100_000, shards=w)
+            km_s = time.perf_counter() - t0
+            rows.append({"workers": w, "generation_images": manifest["rows"], "generation_seconds": round(gen_s, 2),
+                         "generation_images_per_s": round(manifest["rows"] / gen_s, 1), "kmeans_rows": args.rows,
+                         "kmeans_seconds": round(km_s, 2), "kmeans_iterations": d.meta.iterations,
+                         "kmeans_phase_seconds": d.meta.extra["seconds"]})
+    base = rows[0]
+    for r in rows:
+        r["generation_speedup"] = round(r["generation_images_per_s"] / base["generation_images_per_s"], 2)
+        r["kmeans_speedup"] = round(base["kmeans_seconds"] / r["kmeans_seconds"], 2)
+    print(f"{'workers':>7} {'gen img/s':>10} {'x':>5} {'k-means s':>10} {'x':>5}  k-means phases (s)")
+    for r in rows:
+        print(f"{r['workers']:>7} {r['generation_images_per_s']:>10.1f} {r['generation_speedup']:>5.2f} {r['kmeans_seconds']:>10.2f} "
+              f"{r['kmeans_speedup']:>5.2f}  {r['kmeans_phase_seconds']}")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()}, {os.cpu_count()} cores, Ray CPUs {cpus})"
+    command = "python benchmarks/ray_pipeline.py" + ("" if argv is None and len(sys.argv) < 2 else " " + shlex.join(sys.argv[1:] if argv is None else argv))
+    result = {"benchmark": "ray_pipeline", "device": device, "torch": torch.__version__, "command": command,
+              "generation": {"config": Path(args.config).name, "overrides": args.set, "shards": args.shards, "calls_per_shard": args.calls},
+              "kmeans": {"rows": args.rows, "n": args.n, "dim": 10, "max_train_points": 100_000}, "runs": rows}
+    tag = "gpu" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "ray_pipeline.json" if os.environ.get("OUT") else REPO / "benchmarks" / "results" / f"ray_pipeline-{tag}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
