@@ -16,24 +16,22 @@ def main() -> dict:
     p.add_argument("--out", help="also write the dictionary here (.safetensors)")
     args = p.parse_args()
 
-    import json
     from pathlib import Path
-
-    import pyarrow.parquet as pq
 
     from kdci_ray.config import DistillConfig, load_config
     from kdci_ray.distributed import build_dictionary_distributed, ensure_ray
-    from kdci_ray.distributed.dictionary import pool_files
+    from kdci_ray.engine.distill import load_models
+    from kdci_ray.engine.runtime import resolve_runtime
 
     cfg = load_config(args.config, DistillConfig, args.set)
     k = cfg.kdci
-    # The pool's own teacher id is checked against every shard's (a pool from another teacher is refused).
-    first = json.loads((pq.read_schema(pool_files(args.pool)[0]).metadata or {}).get(b"kdci_ray", b"{}"))
+    # The config's teacher: every shard's logits must come from it (a pool from another teacher is refused).
+    teacher_id = load_models(cfg, resolve_runtime("cpu")).teacher_id
     ensure_ray(args.address)
     dictionary = build_dictionary_distributed(
         args.pool, k.n, seed=cfg.seed, niter=k.niter, nredo=k.nredo, feature=k.feature, pca_dim=k.pca_dim,
-        max_train_points=k.max_train_points, shards=args.shards, teacher=first.get("teacher_id", ""),
-        dataset=first.get("method", ""), cache_dir=args.cache_dir,
+        max_train_points=k.max_train_points, shards=args.shards, teacher=teacher_id, dataset=cfg.data.dataset,
+        cache_dir=args.cache_dir,
     )
     out = dictionary.save(Path(args.out)) if args.out else None
     return {"n": dictionary.n, "samples": dictionary.meta.samples, "iterations": dictionary.meta.iterations,

@@ -13,7 +13,7 @@ from .models import WeightsError
 from .registry import UnknownNameError
 
 # Errors whose message already tells the user what to fix: print it, no traceback (unless --debug).
-USER_ERRORS = (ConfigError, DatasetError, WeightsError, UnknownNameError, FileExistsError, ValueError)
+USER_ERRORS = (ConfigError, DatasetError, WeightsError, UnknownNameError, FileExistsError, FileNotFoundError, ValueError)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

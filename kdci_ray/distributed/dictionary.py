@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..kdci.dictionary import (
-    ConfounderDictionary, DictionaryError, DictionaryMeta, check_build_args, finish_dictionary, fit_pca, project,
+    FORMAT_VERSION, ConfounderDictionary, DictionaryError, DictionaryMeta, check_build_args, finish_dictionary, fit_pca, project,
 )
 from ..kdci.kmeans import ClusterStats, cluster_stats, kmeans_plusplus, lloyd, row_keys  # noqa: F401
 from .session import actor_cpus, ensure_ray, limit_threads_to_cpu_share
@@ -47,6 +47,8 @@ class DictionaryShard:
             width = column.type.list_size
             blocks.append(column.flatten().to_numpy().astype(np.float32).reshape(-1, width))
         self.logits = np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
+        if not np.isfinite(self.logits).all():
+            raise DictionaryError(f"non-finite teacher logits in {files}: the pool is corrupt or the teacher overflowed")
         self.offset = offset
         self.features = self.logits  # kdci.feature = logits
         self.train = self.assigned = None
@@ -124,6 +126,7 @@ def build_dictionary_distributed(
 ) -> ConfounderDictionary:
     """Build (or reuse from `cache_dir`) the dictionary of a Parquet pool with `shards` actors."""
     check_build_args(n, feature, max_train_points, niter, nredo, pca_dim, seed)
+    n, seed, niter, nredo, max_train_points = int(n), int(seed), int(niter), int(nredo), int(max_train_points)
     if feature != "logits":
         raise DictionaryError(
             "the distributed build uses the teacher logits stored in the Parquet pool (kdci.feature: logits); "
@@ -136,7 +139,11 @@ def build_dictionary_distributed(
     if teacher and any(m.get("teacher_id") not in (None, teacher) for m in metas):
         wrong = next(f for f, m in zip(files, metas) if m.get("teacher_id") not in (None, teacher))
         raise DictionaryError(f"{wrong}: its logits come from teacher {metas[files.index(wrong)]['teacher_id']}, not {teacher}")
-    settings = {"niter": niter, "nredo": nredo, "feature": feature, "pca_dim": pca_dim, "max_train_points": max_train_points}
+    widths = {pq.read_schema(f).field("logits").type.list_size for f in files}
+    if len(widths) != 1:
+        raise DictionaryError(f"{pool}: the shards hold logits of different widths {sorted(widths)} (several teachers?)")
+    settings = {"niter": niter, "nredo": nredo, "feature": feature, "pca_dim": pca_dim, "max_train_points": max_train_points,
+                "dataset": dataset, "format": FORMAT_VERSION}
     key = dictionary_cache_key(files, teacher, n, seed, **settings)
     cached = Path(cache_dir) / f"dictionary-{key}.safetensors" if cache_dir else None
     if cached is not None and cached.is_file():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -96,7 +97,7 @@ class ConfounderDictionary:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: concurrent builds of one cache key
         save_file(self.tensors(), str(tmp), metadata={_META_KEY: self.meta_json()})
         tmp.replace(path)  # atomic: a crash never leaves a half-written dictionary under the real name
         return path
