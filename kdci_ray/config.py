@@ -56,20 +56,23 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _known_dataset(name: str) -> str:
+    if name not in DATASETS:
+        raise ValueError(DATASETS.unknown_message(name))
+    return name
+
+
+#: The name of a registered dataset (checked against the registry, with the known names in the error).
+DatasetName = Annotated[Text, AfterValidator(_known_dataset)]
+
+
 class DataConfig(Section):
-    dataset: Text = Field(description="registered dataset name")
+    dataset: DatasetName = Field(description="registered dataset name")
     root: Path | None = Field(None, description="data folder or .tar.gz archive (not needed for digits)")
     download: bool = False
     limit: Int | None = Field(None, ge=1, description="use only the first N images of each split (smoke runs)")
     train_split: Text = "train"
     test_split: Text | None = Field(None, description="labelled split to evaluate on; default: the dataset's eval split")
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, name: str) -> str:
-        if name not in DATASETS:
-            raise ValueError(DATASETS.unknown_message(name))
-        return name
 
 
 class ModelConfig(Section):
@@ -191,7 +194,7 @@ class WildDataConfig(Section):
     """Unlabelled real data from another distribution (DFND's wild set, MosaicKD's OOD set): any registered
     dataset, labels unused, resized to the teacher's input (e.g. tiny-imagenet at 32 px for CIFAR teachers)."""
 
-    dataset: Text = Field(description="registered dataset used without labels (tiny-imagenet, imagenet, imagefolder, digits-wild, ...)")
+    dataset: DatasetName = Field(description="registered dataset used without labels (tiny-imagenet, imagenet, imagefolder, digits-wild, ...)")
     root: Path | None = Field(None, description="its folder or .tar.gz archive")
     split: Text = "train"
     limit: Int | None = Field(None, ge=1, description="use only the first N images (smoke runs)")
@@ -200,13 +203,6 @@ class WildDataConfig(Section):
     )
     max_in_memory: Int = Field(2_000_000, ge=1, description="largest pool `auto` holds in memory")
     workers: Int = Field(8, ge=1, description="decoding threads for file-backed pools (ImageNet, imagefolder)")
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, name: str) -> str:
-        if name not in DATASETS:
-            raise ValueError(DATASETS.unknown_message(name))
-        return name
 
 
 #: method name -> its SynthesisConfig subclass (filled by the method files in kdci_ray.synthesis).

@@ -52,3 +52,21 @@ def digits_teacher(tmp_path_factory) -> Path:
     result = train_teacher(cfg)
     assert result["top1"] > 95
     return Path(result["weights"])
+
+
+@pytest.fixture(scope="module")
+def teacher(digits_teacher):
+    """The digits teacher as a frozen eval-mode model (synthesis and selection tests)."""
+    from kdci_ray.models import load_classifier
+
+    model, _ = load_classifier(digits_teacher, "digits_cnn", 10, 1)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def normalize():
+    """The digits teacher's input normalisation."""
+    from kdci_ray.data import Normalize, dataset_info
+
+    info = dataset_info("digits")
+    return Normalize(info.mean, info.std)

@@ -13,27 +13,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from kdci_ray.config import DistillConfig, WildDataConfig, load_config
-from kdci_ray.data import DatasetError, Normalize, dataset_info, load_dataset, load_pool
+from kdci_ray.data import DatasetError, load_dataset, load_pool
 from kdci_ray.engine.distill import distill, make_source
-from kdci_ray.models import create_model, load_classifier
+from kdci_ray.models import create_model
 from kdci_ray.synthesis import WildImages, create_synthesizer, merge_selections, select_top_k, self_confidence, top_k
 from kdci_ray.synthesis.dfnd import NoiseAdaptation
 from kdci_ray.synthesis.losses import noise_adapted_nll
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (1, 8, 8)
-
-
-@pytest.fixture(scope="module")
-def teacher(digits_teacher):
-    model, _ = load_classifier(digits_teacher, "digits_cnn", 10, 1)
-    return model.eval().requires_grad_(False)
-
-
-@pytest.fixture(scope="module")
-def normalize():
-    info = dataset_info("digits")
-    return Normalize(info.mean, info.std)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kdci_ray.config import ConfigError, DistillConfig, validate_config
-from kdci_ray.data import Normalize, SubstitutionSet, dataset_info
-from kdci_ray.models import create_model, load_classifier
+from kdci_ray.data import Normalize, SubstitutionSet
+from kdci_ray.models import create_model
 from kdci_ray.registry import UnknownNameError
 from kdci_ray.synthesis import SYNTHESIZERS, BNStatistics, ImagePool, create_synthesizer, read_pool_parquet, write_pool_parquet
 from kdci_ray.synthesis.losses import adversarial_js, adversarial_kl, masked_adversarial_kl
@@ -32,18 +32,6 @@ ADV_ON = {"dafl": {"adv": 1.0}}
 
 def test_every_registered_method_has_tiny_settings():
     assert set(SYNTHESIZERS.names()) == set(TINY) | SELECTING == {"dafl", "deepinv", "fast", "cmi", "mosaickd", "dfnd"}
-
-
-@pytest.fixture(scope="module")
-def teacher(digits_teacher):
-    model, _ = load_classifier(digits_teacher, "digits_cnn", 10, 1)
-    return model.eval().requires_grad_(False)
-
-
-@pytest.fixture(scope="module")
-def normalize():
-    info = dataset_info("digits")
-    return Normalize(info.mean, info.std)
 
 
 def make(method, teacher, student, normalize, seed=0, **overrides):
