@@ -54,12 +54,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .engine.distill import distill_from_config
 
     cfg = load_config(args.config, DistillConfig, args.set)
-    if cfg.synthesis is None:
-        raise ValueError(f"{args.config} has no `synthesis:` section; name a DFKD method (see configs/<method>-*.yaml)")
+    if cfg.synthesis is None and cfg.pool is None:
+        raise ValueError(f"{args.config} has no `synthesis:` section and no `pool:`; name a DFKD method (see configs/<method>-*.yaml) or a Parquet pool")
     result = distill_from_config(cfg)
     final = result.final
     summary = {
-        "run_dir": str(result.run_dir), "method": cfg.synthesis.method, "kdci": cfg.kdci.enabled, "epochs": result.epoch,
+        "run_dir": str(result.run_dir), "method": cfg.synthesis.method if cfg.pool is None else f"pool:{cfg.pool}", "kdci": cfg.kdci.enabled, "epochs": result.epoch,
         "finished": result.finished, "resumed_from": result.resumed_from, "test_top1": final.get("test_top1"),
     }
     if cfg.kdci.enabled:

@@ -155,6 +155,15 @@ class KDCIConfig(Section):
     nredo: Int = Field(3, ge=1, description="k-means++ restarts; the lowest-inertia run is kept")
     max_train_points: Int = Field(100_000, ge=1, description="k-means trains on a seeded sample of this many rows")
     rebuild_every: Int = Field(0, ge=0, description="rebuild the dictionary every this many epochs (0: build once)")
+    dictionary: Path | None = Field(
+        None, description="a prebuilt dictionary (jobs/build_dictionary.py output) used instead of building one; needs rebuild_every 0"
+    )
+
+    @model_validator(mode="after")
+    def _prebuilt_is_fixed(self) -> "KDCIConfig":
+        if self.dictionary is not None and self.rebuild_every > 0:
+            raise ValueError("kdci.dictionary is a prebuilt dictionary and kdci.rebuild_every > 0 would replace it: set rebuild_every: 0 or unset dictionary")
+        return self
 
     @model_validator(mode="after")
     def _enough_train_points(self) -> "KDCIConfig":
@@ -245,6 +254,11 @@ class DistillConfig(RunConfig):
     optim: OptimConfig = OptimConfig()
     augment: AugmentConfig = Field(AugmentConfig(), description="applied to substitution images before KD")
     output: OutputConfig = OutputConfig(dir=Path("runs/distill"))
+    pool: Path | None = Field(
+        None,
+        description="fixed substitution data: a Parquet pool (jobs/synthesize.py output); when set, training reads it and synthesizes "
+        "nothing (a method's own student terms, such as DFND's noise adaptation, need the method: leave pool unset)",
+    )
     # Validated against the chosen method's schema; SerializeAsAny keeps the method's own fields on dump.
     synthesis: Annotated[SerializeAsAny[SynthesisConfig] | None, BeforeValidator(_synthesis_schema)] = Field(
         None, description="the DFKD method that makes the substitution data (None: data given in code)"
@@ -323,3 +337,18 @@ def load_config(path: str | Path, schema: type[C], overrides: list[str] | None =
 def dump_config(config: BaseModel) -> str:
     """The config as YAML (paths as strings), e.g. to store beside outputs and in checkpoints."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def with_absolute_paths(config: C, base: Path | None = None) -> C:
+    """A copy whose relative paths (teacher weights, data roots, pools, dictionaries) are absolute against
+    `base` (default: the working directory): processes started elsewhere, such as Ray Train workers, whose
+    working directory is not the user's, still find them."""
+    base = Path.cwd() if base is None else Path(base)
+    updates: dict[str, Any] = {}
+    for name in type(config).model_fields:
+        value = getattr(config, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            updates[name] = base / value
+        elif isinstance(value, BaseModel):
+            updates[name] = with_absolute_paths(value, base)
+    return config.model_copy(update=updates)

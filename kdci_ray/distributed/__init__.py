@@ -7,10 +7,15 @@ Nothing here holds training math: stages call the core (`kdci_ray.kdci`, `kdci_r
 - `generate.py`: substitution data on Ray Data (synthesis tasks on an actor pool -> Parquet shards +
   manifest; DFND's selection over shards of the wild pool).
 - `dictionary.py`: the confounder dictionary built by shard actors (distributed Lloyd k-means).
+- `train.py`: distillation on Ray Train (the core loop on DDP workers, Ray checkpoints, resume by name).
 """
 
 from .dictionary import build_dictionary_distributed, dictionary_cache_key
 from .generate import generate, select_wild
 from .session import actor_cpus, ensure_ray
+from .train import RayDistillResult, distill_on_ray
 
-__all__ = ["actor_cpus", "build_dictionary_distributed", "dictionary_cache_key", "ensure_ray", "generate", "select_wild"]
+__all__ = [
+    "RayDistillResult", "actor_cpus", "build_dictionary_distributed", "dictionary_cache_key", "distill_on_ray", "ensure_ray",
+    "generate", "select_wild",
+]

@@ -12,6 +12,12 @@ Exact resume: every epoch's shuffling and augmentation come from generators seed
 the checkpoint carries the global RNG states (torch CPU/CUDA, numpy, Python) for anything that draws from
 them (a synthesizer's noise, dropout), so continuing from a checkpoint reproduces the uninterrupted run
 on the same hardware.
+
+Data parallel (`parallel.py`: a process group set up by a launcher such as Ray Train): the distiller is
+wrapped in DDP, every rank trains on its own substitution data (its own synthesizer seed, or its shard of
+a fixed pool), the dictionary is built by rank 0 from every rank's teacher outputs and broadcast, the
+epoch's loss terms are averaged over ranks, rank 0 evaluates and writes files, and checkpoints carry each
+rank's source and RNG state. The launcher owns resumption then (`distill(..., managed=True)`).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 import torch
 
 from ..config import DistillConfig, dump_config
-from ..data import DeviceBatches, Normalize, dataset_info, epoch_generator, load_dataset, random_crop_flip
+from ..data import DeviceBatches, Normalize, SubstitutionSet, dataset_info, epoch_generator, load_dataset, random_crop_flip
 from ..kdci import (
     CausalIntervention,
     CompensatedStudent,
@@ -43,6 +49,7 @@ from ..kdci import (
 )
 from ..losses import KLDivergenceKD
 from ..models import ModelCard, create_model, load_classifier, save_classifier
+from . import parallel
 from .evaluate import check_labeled, evaluate
 from .runtime import Runtime, resolve_runtime, seed_everything
 from .teacher import lr_lambda, make_optimizer
@@ -84,10 +91,15 @@ class SubstitutionSource(Protocol):
 
 
 class RunLogger(Protocol):
-    """The loop's only view of tracking (MLflow lives in a higher layer)."""
+    """The loop's only view of tracking and orchestration (MLflow and Ray live in higher layers).
+
+    `log_metrics` is called on rank 0 only; `on_checkpoint(epoch, row, path)` on every rank after each
+    epoch's checkpoint (`path` on rank 0, None elsewhere), so a launcher can register the checkpoint.
+    """
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path) -> None: ...
+    def on_checkpoint(self, epoch: int, row: dict, path: Path | None) -> None: ...
 
 
 class NullLogger:
@@ -95,6 +107,9 @@ class NullLogger:
         pass
 
     def log_artifact(self, path: Path) -> None:
+        pass
+
+    def on_checkpoint(self, epoch: int, row: dict, path: Path | None) -> None:
         pass
 
 
@@ -129,20 +144,24 @@ def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
 def kd_step(distiller: Distiller, optimizer: torch.optim.Optimizer, x: torch.Tensor, runtime: Runtime, scaler=None, extra_optimizers=()):
     """One KD optimisation step on a prepared batch; returns (DistillOutput, total loss). No host sync
     (except fp16 loss scaling's inf check, which needs one). `extra_optimizers` step too (parameters a
-    method's loss trains next to the student)."""
+    method's loss trains next to the student; under data parallelism their gradients are averaged over
+    ranks here, as DDP does for the distiller's own). `distiller` may be DDP-wrapped."""
     optimizers = [optimizer, *extra_optimizers]
     with runtime.autocast():
         out = distiller(x)
         loss = total_loss(out.losses)
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
+    extra_params = [p for opt in extra_optimizers for group in opt.param_groups for p in group["params"]]
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()
+        parallel.average_gradients(extra_params)
         for opt in optimizers:
             scaler.step(opt)
         scaler.update()
     else:
         loss.backward()
+        parallel.average_gradients(extra_params)
         for opt in optimizers:
             opt.step()
     return out, loss
@@ -180,13 +199,17 @@ class _Run:
 
     def __init__(self, cfg: DistillConfig, source: SubstitutionSource, runtime: Runtime):
         self.cfg, self.source, self.runtime = cfg, source, runtime
+        self.rank, self.world = parallel.rank(), parallel.world_size()
+        self.primary = self.rank == 0
         info = dataset_info(cfg.data.dataset)
         models = load_models(cfg, runtime)
         self.teacher, self.student, self.normalize = models.teacher, models.student, models.normalize
         self.num_classes, self.mean, self.std, self.teacher_id = models.num_classes, models.mean, models.std, models.teacher_id
-        test_split = cfg.data.test_split or info.eval_split
-        self.test_set = load_dataset(cfg.data.dataset, cfg.data.root, test_split, cfg.data.download, cfg.data.limit)
-        check_labeled(self.test_set)
+        self.test_set = None
+        if self.primary:  # only rank 0 evaluates
+            test_split = cfg.data.test_split or info.eval_split
+            self.test_set = load_dataset(cfg.data.dataset, cfg.data.root, test_split, cfg.data.download, cfg.data.limit)
+            check_labeled(self.test_set)
         self.info = info
 
         k = cfg.kdci
@@ -201,6 +224,12 @@ class _Run:
         if hasattr(source, "kd_loss"):  # a method's own student terms (DFND's noise adaptation) join the KD loss
             kd_loss = source.kd_loss(kd_loss)
         self.distiller = Distiller(self.student, self.teacher, kd_loss, self.intervention)
+        # What training calls: the distiller, DDP-wrapped when ranks share the work (DDP broadcasts rank 0's
+        # weights here, so every rank starts from the same student and intervention).
+        self.train_module: torch.nn.Module = self.distiller
+        if self.world > 1:
+            device_ids = [runtime.device.index or 0] if runtime.device.type == "cuda" else None
+            self.train_module = torch.nn.parallel.DistributedDataParallel(self.distiller, device_ids=device_ids)
         self.optimizer = make_optimizer(self.distiller, cfg.optim, runtime.device)
         self.extra_optimizers = source.kd_optimizers() if hasattr(source, "kd_optimizers") else []
         self.scaler = runtime.grad_scaler()
@@ -210,7 +239,7 @@ class _Run:
         available = source.min_dictionary_images() if hasattr(source, "min_dictionary_images") else (
             len(source) if hasattr(source, "__len__") else None
         )
-        if k.enabled and available is not None and available < k.n:
+        if k.enabled and k.dictionary is None and available is not None and available < k.n:
             # Caught here, not at the first dictionary build (which may come after an expensive synthesis).
             raise ValueError(
                 f"kdci.n = {k.n} prototypes but the substitution source has only {available} images when the dictionary is "
@@ -219,9 +248,15 @@ class _Run:
         total = self.steps_per_epoch * cfg.optim.epochs
         warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(total, warmup, cfg.optim.schedule))
-        self.test_batches = DeviceBatches(self.test_set, 512, runtime.device)
+        self.test_batches = DeviceBatches(self.test_set, 512, runtime.device) if self.primary else None
         self.dictionary: ConfounderDictionary | None = None
         self.dictionary_epoch = 0
+        if self.intervention is not None and k.dictionary is not None:
+            self.use_dictionary(load_prebuilt_dictionary(k.dictionary, k.n, self.teacher_id, self.num_classes), 0)
+
+    def use_dictionary(self, dictionary: ConfounderDictionary, epoch: int) -> None:
+        self.dictionary, self.dictionary_epoch = dictionary, epoch
+        self.intervention.set_dictionary(dictionary.prototypes, dictionary.priors)
 
     # -- pieces of an epoch -------------------------------------------------------------------
     def prepare_input(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -233,13 +268,20 @@ class _Run:
         t0 = time.perf_counter()
         # Teacher outputs are small (N x C, or N x feature_dim), so one pass is kept and read twice.
         blocks = list(teacher_blocks(self.teacher, self.source.dictionary_images(), self.prepare_input, k.feature, self.runtime.autocast))
-        self.dictionary = build_dictionary(
-            blocks, k.n, seed=self.cfg.seed, niter=k.niter, nredo=k.nredo, feature=k.feature, pca_dim=k.pca_dim,
-            max_train_points=k.max_train_points, teacher=self.teacher_id, dataset=getattr(self.source, "name", ""),
-            extra={"epoch": epoch},
-        )
-        self.dictionary_epoch = epoch
-        self.intervention.set_dictionary(self.dictionary.prototypes, self.dictionary.priors)
+        # Data parallel: the dictionary covers every rank's substitution data; rank 0 builds it (k-means is
+        # cheap next to a training epoch) and the others receive it, so all ranks intervene identically.
+        every_rank = parallel.gather_objects(blocks)
+        dictionary = None
+        if self.primary:
+            dictionary = build_dictionary(
+                [block for rank_blocks in every_rank for block in rank_blocks], k.n, seed=self.cfg.seed, niter=k.niter,
+                nredo=k.nredo, feature=k.feature, pca_dim=k.pca_dim, max_train_points=k.max_train_points,
+                teacher=self.teacher_id, dataset=getattr(self.source, "name", ""), extra={"epoch": epoch, "ranks": self.world},
+            )
+        if self.world > 1:
+            tensors, meta = parallel.broadcast_object((dictionary.tensors(), dictionary.meta_json()) if self.primary else None)
+            dictionary = ConfounderDictionary.from_tensors(tensors, meta, "rank 0's dictionary")
+        self.use_dictionary(dictionary, epoch)
         log.info("dictionary: N=%d from %d samples (%d k-means iterations) in %.1f s",
                  self.dictionary.n, self.dictionary.meta.samples, self.dictionary.meta.iterations, time.perf_counter() - t0)
 
@@ -254,7 +296,7 @@ class _Run:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, device = self.cfg, self.runtime.device
         self.distiller.train()
-        aug = epoch_generator(cfg.seed + 1, epoch, device)
+        aug = epoch_generator(parallel.rank_seed(cfg.seed) + 1, epoch, device)
         sums: dict[str, torch.Tensor] = {}
         entropy = torch.zeros((), device=device)
         loss_sum = torch.zeros((), device=device)
@@ -263,7 +305,7 @@ class _Run:
         for pixels in self.source.batches(epoch, cfg.optim.batch_size):
             pixels = random_crop_flip(pixels, cfg.augment.crop_padding, cfg.augment.hflip, aug)
             x = self.prepare_input(pixels)
-            out, loss = kd_step(self.distiller, self.optimizer, x, self.runtime, self.scaler, self.extra_optimizers)
+            out, loss = kd_step(self.train_module, self.optimizer, x, self.runtime, self.scaler, self.extra_optimizers)
             self.scheduler.step()
             # Sums stay on the device: one host sync per epoch, not per step.
             for name, value in out.losses.items():
@@ -275,14 +317,19 @@ class _Run:
             seen += x.shape[0]
         if steps == 0:
             raise RuntimeError(f"epoch {epoch}: the substitution source yielded no batches")
-        row = {f"train_{name}": float(value) / steps for name, value in sums.items()}
-        row["train_loss"] = float(loss_sum) / steps  # the float() syncs: time the epoch after it
+        # One vector, one collective: the epoch's means over all ranks (names are the same on every rank).
+        names = sorted(sums)
+        totals = torch.stack([loss_sum, entropy, *(sums[name] for name in names)]) / steps
+        totals = parallel.all_reduce_mean(torch.cat([totals, torch.tensor([float(seen)], device=device)])).tolist()
+        row = {f"train_{name}": value for name, value in zip(names, totals[2:-1])}
+        row["train_loss"] = totals[0]  # .tolist() synced: time the epoch after it
         if hasattr(self.source, "epoch_metrics"):
             row.update(self.source.epoch_metrics())
         if self.intervention is not None:
-            row["attention_entropy"] = float(entropy) / steps
+            row["attention_entropy"] = totals[1]
         seconds = time.perf_counter() - t0
-        row.update(lr=self.scheduler.get_last_lr()[0], images_per_s=seen / seconds, epoch_seconds=seconds)
+        images = totals[-1] * self.world  # all ranks' images: the run's throughput
+        row.update(lr=self.scheduler.get_last_lr()[0], images_per_s=images / seconds, epoch_seconds=seconds)
         if not math.isfinite(row["train_loss"]):
             raise FloatingPointError(f"distill {cfg.name}: loss became {row['train_loss']} in epoch {epoch}; lower optim.lr")
         return row
@@ -296,8 +343,14 @@ class _Run:
         return row
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def checkpoint_state(self, epoch: int, history: list[dict]) -> dict:
+    def checkpoint_state(self, epoch: int, history: list[dict]) -> dict | None:
+        """The checkpoint (on rank 0; None on the others). A collective: every rank calls it."""
         d = self.dictionary
+        # Each rank's own source (its synthesizer's pool and generator) and RNGs, so every rank continues
+        # where it was; rank 0's also sit in the single-process places below.
+        ranks = parallel.gather_objects({"source": self.source.state_dict(), "rng": rng_state()}) if self.world > 1 else None
+        if not self.primary:
+            return None
         return {
             "format": CHECKPOINT_FORMAT,
             "config": self.cfg.model_dump(mode="json"),
@@ -312,6 +365,8 @@ class _Run:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "history": history,
+            "world_size": self.world,
+            "ranks": ranks,
         }
 
     def restore(self, state: dict) -> None:
@@ -323,17 +378,23 @@ class _Run:
         self.student.load_state_dict(state["student"])
         if self.intervention is not None:
             self.intervention.load_state_dict(state["intervention"])
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world:
+            raise ValueError(
+                f"this checkpoint was written by {saved_world} data-parallel worker(s), this run has {self.world}: "
+                f"resume with {saved_world} (each worker continues its own substitution data), or use another name"
+            )
+        mine = state["ranks"][self.rank] if self.world > 1 else {"source": state["source"], "rng": state["rng"]}
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.source.load_state_dict(state["source"])
+        self.source.load_state_dict(mine["source"])
         if state["dictionary"] is not None and self.intervention is not None:
             saved = state["dictionary"]
-            self.dictionary = ConfounderDictionary.from_tensors(saved["tensors"], saved["meta"], "checkpoint dictionary")
-            self.dictionary_epoch = saved["epoch"]
-            self.intervention.set_dictionary(self.dictionary.prototypes, self.dictionary.priors)
+            dictionary = ConfounderDictionary.from_tensors(saved["tensors"], saved["meta"], "checkpoint dictionary")
+            self.use_dictionary(dictionary, saved["epoch"])
         if state["scaler"] and self.scaler.is_enabled():  # empty when the run was not fp16
             self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])  # last: nothing after it may draw random numbers before training
+        set_rng_state(mine["rng"])  # last: nothing after it may draw random numbers before training
 
 
 def rng_state() -> dict:
@@ -382,31 +443,48 @@ def distill(
     source: SubstitutionSource,
     logger: RunLogger | None = None,
     stop_after_epoch: int | None = None,
+    *,
+    run_dir: Path | None = None,
+    resume_from: Path | None = None,
+    managed: bool = False,
 ) -> DistillResult:
     """Train `cfg.student` from `cfg.teacher` on `source`; resumes from the run's checkpoint if there is one.
 
     `stop_after_epoch` ends the call early after that epoch (its checkpoint written), as a preemption would.
+    `run_dir`: where the run's files go (default `<output.dir>/<name>`). `managed=True`: a launcher owns
+    checkpoints (the Ray layer, and any data-parallel run): it resumes from `resume_from` exactly, and
+    with None starts fresh, replacing what an earlier attempt wrote in `run_dir`.
     """
     logger = logger or NullLogger()
-    run_dir = Path(cfg.output.dir) / cfg.name
+    primary, world = parallel.is_primary(), parallel.world_size()
+    if world > 1 and not managed:
+        raise ValueError("data-parallel distillation needs a launcher that owns its checkpoints: run it through kdci_ray.distributed (Ray Train)")
+    run_dir = Path(run_dir) if run_dir is not None else Path(cfg.output.dir) / cfg.name
     ckpt_path = run_dir / "checkpoint.pt"
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite and not (cfg.resume and ckpt_path.is_file()):
-        raise FileExistsError(
-            f"{run_dir} already holds a run{' (resume=false)' if ckpt_path.is_file() else ''}: "
-            "choose another name, or set output.overwrite=true to start over"
-        )
     state = None
-    if cfg.output.overwrite:
-        for name in _RUN_FILES:  # asked to start over: remove what an earlier run wrote, nothing else
-            (run_dir / name).unlink(missing_ok=True)
-    elif ckpt_path.is_file() and cfg.resume:
-        state = load_checkpoint(ckpt_path, cfg)  # before any expensive work
+    if managed:
+        if resume_from is not None:
+            state = load_checkpoint(Path(resume_from), cfg)
+        elif primary:
+            _clear_run_files(run_dir)
+    else:
+        if run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite and not (cfg.resume and ckpt_path.is_file()):
+            raise FileExistsError(
+                f"{run_dir} already holds a run{' (resume=false)' if ckpt_path.is_file() else ''}: "
+                "choose another name, or set output.overwrite=true to start over"
+            )
+        if cfg.output.overwrite:
+            _clear_run_files(run_dir)  # asked to start over: remove what an earlier run wrote, nothing else
+        elif ckpt_path.is_file() and cfg.resume:
+            state = load_checkpoint(ckpt_path, cfg)  # before any expensive work
 
     seed_everything(cfg.seed)
     runtime = resolve_runtime(cfg.device, cfg.precision, cfg.channels_last)
     if hasattr(source, "to"):
         source.to(runtime.device)
     run = _Run(cfg, source, runtime)
+    if world > 1:  # the models are built (identically): from here on ranks draw different random numbers
+        seed_everything(parallel.rank_seed(cfg.seed))
     history: list[dict] = []
     start = 1
     if state is not None:
@@ -419,24 +497,28 @@ def distill(
         log.info("distill %s: already finished (%d epochs); nothing to do", cfg.name, cfg.optim.epochs)
         return _finished(run, result)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
     log.info(
-        "distill %s: %s -> %s, KDCI %s, substitution data %s (%d images now), %d epochs x %d steps, %s",
+        "distill %s: %s -> %s, KDCI %s, substitution data %s (%d images now), %d epochs x %d steps, %s%s",
         cfg.name, cfg.teacher.arch, cfg.student.arch, f"on (N={cfg.kdci.n}, alpha={cfg.kdci.alpha})" if cfg.kdci.enabled else "off",
         getattr(source, "name", type(source).__name__), len(source) if hasattr(source, "__len__") else -1,
-        cfg.optim.epochs, run.steps_per_epoch, runtime.describe(),
+        cfg.optim.epochs, run.steps_per_epoch, runtime.describe(), f", rank {run.rank} of {world}" if world > 1 else "",
     )
     for epoch in range(start, cfg.optim.epochs + 1):
         source.begin_epoch(epoch, run.distiller)
         if run.dictionary_due(epoch):
             run.build_dictionary(epoch)
         row = {"epoch": epoch, **run.train_epoch(epoch)}
-        if epoch % cfg.eval_every == 0 or epoch == cfg.optim.epochs:
+        if primary and (epoch % cfg.eval_every == 0 or epoch == cfg.optim.epochs):
             row.update(run.evaluate())
         history.append(row)
-        logger.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-        save_atomic(run.checkpoint_state(epoch, history), ckpt_path)
+        checkpoint = run.checkpoint_state(epoch, history)  # collective
+        if primary:
+            logger.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            save_atomic(checkpoint, ckpt_path)
+        logger.on_checkpoint(epoch, row, ckpt_path if primary else None)
         result.epoch = epoch
         log.info(
             "epoch %d/%d loss %.4f%s%s%s  %.0f img/s", epoch, cfg.optim.epochs, row["train_loss"],
@@ -451,12 +533,19 @@ def distill(
     return _finished(run, result)
 
 
+def _clear_run_files(run_dir: Path) -> None:
+    for name in _RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+
+
 def _finished(run: _Run, result: DistillResult) -> DistillResult:
     """Write the final student (+ card), dictionary and metrics; idempotent for a finished run."""
     cfg = run.cfg
     run_dir = result.run_dir
     result.finished = True
     result.epoch = cfg.optim.epochs
+    if not run.primary:
+        return result
     final = result.final
     card = ModelCard(
         arch=cfg.student.arch, num_classes=run.num_classes, dataset=cfg.data.dataset,
@@ -475,17 +564,43 @@ def _finished(run: _Run, result: DistillResult) -> DistillResult:
     return result
 
 
-def make_source(cfg: DistillConfig) -> SubstitutionSource:
-    """The substitution source a config names: its `synthesis` method, bound to the run's models later."""
-    from ..synthesis import create_synthesizer
+def make_source(cfg: DistillConfig, seed: int | None = None) -> SubstitutionSource:
+    """The substitution source a config names: the fixed Parquet pool `pool` when set, else its `synthesis`
+    method (bound to the run's models later). `seed` defaults to the run's (data-parallel ranks pass their own)."""
+    from ..synthesis import create_synthesizer, read_pool_parquet
 
-    if cfg.synthesis is None:
-        raise ValueError("the config has no `synthesis:` section: name a DFKD method (synthesis.method: dafl | deepinv | fast | cmi | mosaickd | dfnd)")
+    seed = cfg.seed if seed is None else seed
     info = dataset_info(cfg.data.dataset)
     image_shape = (info.channels, info.image_size, info.image_size)
-    return create_synthesizer(cfg.synthesis, image_shape, cfg.teacher.num_classes or info.num_classes, seed=cfg.seed)
+    if cfg.pool is not None:
+        data = read_pool_parquet(cfg.pool)
+        if tuple(data.meta["image_shape"]) != image_shape:
+            raise ValueError(f"pool = {cfg.pool}: images are {tuple(data.meta['image_shape'])}, {cfg.data.dataset} needs {image_shape}")
+        return SubstitutionSet(data.images, seed=seed, name=f"pool {Path(cfg.pool).name}")
+    if cfg.synthesis is None:
+        raise ValueError(
+            "the config has no `synthesis:` section and no `pool:`: name a DFKD method "
+            "(synthesis.method: dafl | deepinv | fast | cmi | mosaickd | dfnd) or a Parquet pool (pool: path)"
+        )
+    return create_synthesizer(cfg.synthesis, image_shape, cfg.teacher.num_classes or info.num_classes, seed=seed)
+
+
+def load_prebuilt_dictionary(path: Path, n: int, teacher_id: str, num_classes: int) -> ConfounderDictionary:
+    """A dictionary built by an earlier stage (`jobs/build_dictionary.py`), checked against this run."""
+    dictionary = ConfounderDictionary.load(path)
+    meta = dictionary.meta
+    problems = []
+    if meta.n_requested != n:
+        problems.append(f"it was built with N = {meta.n_requested}, kdci.n is {n}")
+    if meta.teacher and meta.teacher != teacher_id:
+        problems.append(f"it was built from another teacher's outputs (content hash {meta.teacher}, this teacher's is {teacher_id})")
+    if dictionary.num_classes != num_classes:
+        problems.append(f"its prototypes have {dictionary.num_classes} classes, the teacher {num_classes}")
+    if problems:
+        raise ValueError(f"kdci.dictionary = {path}: {'; '.join(problems)}; rebuild it for this config or unset kdci.dictionary")
+    return dictionary
 
 
 def distill_from_config(cfg: DistillConfig, logger: RunLogger | None = None, stop_after_epoch: int | None = None) -> DistillResult:
-    """`distill()` with the substitution data made by the config's DFKD method."""
+    """`distill()` with the substitution data the config names (its Parquet pool or its DFKD method)."""
     return distill(cfg, make_source(cfg), logger, stop_after_epoch)

@@ -1,0 +1,262 @@
+"""KDCI distillation on Ray Train: the core loop (`engine.distill.distill`) on every worker of a
+`TorchTrainer` (DDP: gloo on CPU, nccl on GPU). This file holds no training math, only the wiring:
+
+- substitution data: a fixed Parquet pool (`pool:` in the config, e.g. a `jobs/synthesize.py` output) is
+  read by Ray Data and split across workers (`get_dataset_shard`); otherwise every worker runs the
+  config's DFKD method with its own seed (seed + 1000 x rank) and the dictionary is built from every
+  worker's data (the core does that collectively);
+- checkpoints: after each epoch rank 0's core checkpoint is registered with `ray.train.report` (all
+  workers report, as Train requires); Ray keeps the newest `keep_checkpoints` under
+  `<storage_path>/<name>/checkpoint_*`;
+- resumption: a worker that finds a Ray checkpoint (a restart after a failure under `FailureConfig`, or
+  the same `RunConfig(storage_path, name)` submitted again) continues from it; a finished run returns
+  at once instead of starting over;
+- outputs: rank 0 writes the run's files (student weights + card, dictionary, metrics.json, config.yaml)
+  into `<storage_path>/<name>/outputs/` (shared storage on a cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from ..config import DistillConfig, validate_config, with_absolute_paths
+from ..data import dataset_info
+from ..engine.distill import distill, make_source
+from ..engine.parallel import rank_seed
+from .dictionary import pool_files
+from .session import actor_cpus, ensure_ray, limit_threads_to_cpu_share
+
+log = logging.getLogger(__name__)
+OUTPUTS = "outputs"  # the core's run directory inside Ray's run folder
+ATTEMPTS = "attempts.jsonl"  # in OUTPUTS: the attempts that reached the end of the loop
+
+
+class ShardSource:
+    """A worker's share of a fixed Parquet pool, streamed by Ray Data, as the core loop's substitution
+    source. Every worker gets the same number of rows (Train splits datasets with `equal=True`), so all
+    ranks take the same number of steps. Order within an epoch comes from Ray Data's local shuffle
+    (seeded by seed and epoch, but block arrival order is not reproducible): a resumed run continues at the
+    epoch, not bit for bit."""
+
+    def __init__(self, shard, rows: int, image_shape: tuple[int, int, int], seed: int, name: str):
+        self.shard, self.rows, self.image_shape, self.seed, self.name = shard, rows, tuple(image_shape), seed, name
+        self.device = torch.device("cpu")
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def to(self, device) -> "ShardSource":
+        self.device = torch.device(device)
+        return self
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        steps = self.rows // batch_size
+        if steps < 1:
+            raise ValueError(f"{self.name}: each worker holds {self.rows} rows, fewer than optim.batch_size = {batch_size}; lower it or use fewer workers")
+        return steps
+
+    def begin_epoch(self, epoch: int, distiller) -> None:
+        """Nothing to synthesize: the pool is fixed."""
+
+    def _decode(self, column) -> torch.Tensor:
+        images = np.frombuffer(b"".join(column), dtype=np.uint8).reshape(len(column), *self.image_shape)
+        return torch.from_numpy(images.copy()).to(self.device, non_blocking=True)
+
+    def batches(self, epoch: int, batch_size: int) -> Iterator[torch.Tensor]:
+        steps = self.steps_per_epoch(batch_size)
+        stream = self.shard.iter_batches(
+            batch_size=batch_size, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=min(self.rows, max(4 * batch_size, 1024)), local_shuffle_seed=self.seed * 1_000_003 + epoch,
+        )
+        done = 0
+        for batch in stream:  # read to the end even past `steps`: a split's epoch ends for all workers together
+            if done < steps:
+                yield self._decode(batch["image"])
+            done += 1
+        if done < steps:
+            raise RuntimeError(f"{self.name}: the worker's shard gave {done} batches, expected {steps}")
+
+    def dictionary_images(self, batch_size: int = 1024) -> Iterator[torch.Tensor]:
+        for batch in self.shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            yield self._decode(batch["image"])
+
+    def state_dict(self) -> dict:
+        return {"name": self.name, "rows": self.rows, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state != self.state_dict():
+            raise ValueError(f"the pool shard differs from the one this run started with ({state} vs {self.state_dict()}); use another run name")
+
+
+class _TrainReporter:
+    """The core loop's `RunLogger` inside a Ray Train worker: each epoch every worker reports, rank 0 with
+    its checkpoint file (hard-linked into a temporary folder Ray copies into storage)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass  # reported with the checkpoint below, once per epoch
+
+    def log_artifact(self, path: Path) -> None:
+        pass
+
+    def on_checkpoint(self, epoch: int, row: dict, path: Path | None) -> None:
+        import ray.train
+
+        metrics = {k: float(v) for k, v in row.items() if isinstance(v, (int, float))}
+        if path is None:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".report-") as folder:
+            target = Path(folder) / path.name
+            try:
+                os.link(path, target)
+            except OSError:  # another filesystem: copy
+                shutil.copy2(path, target)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _train_worker(config: dict) -> None:
+    """`train_loop_per_worker`: build this rank's source and run the core loop, resuming from Ray's checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    limit_threads_to_cpu_share()
+    cfg = validate_config(DistillConfig, config["cfg"], "the run's config")
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    if config["use_gpu"]:  # the device Ray Train gave this worker (cuda:<local rank>)
+        cfg = cfg.model_copy(update={"device": str(ray.train.torch.get_device())})
+    if cfg.pool is not None:
+        source = ShardSource(ray.train.get_dataset_shard("train"), config["rows_per_worker"], tuple(config["image_shape"]),
+                             seed=rank_seed(cfg.seed), name=f"pool {Path(cfg.pool).name} (shard {rank})")
+    else:
+        source = make_source(cfg, seed=rank_seed(cfg.seed))
+    run_dir = Path(config["run_dir"])
+    checkpoint = ray.train.get_checkpoint()
+    t0 = time.time()
+    if checkpoint is None:
+        result = distill(cfg, source, _TrainReporter(), run_dir=run_dir, resume_from=None, managed=True)
+    else:
+        with checkpoint.as_directory() as folder:
+            log.info("rank %d: resuming from %s", rank, checkpoint.path)
+            result = distill(cfg, source, _TrainReporter(), run_dir=run_dir, resume_from=Path(folder) / "checkpoint.pt", managed=True)
+    if rank == 0:  # one line per completed attempt: where it started, so restarts are visible afterwards
+        with open(run_dir / ATTEMPTS, "a") as f:
+            f.write(json.dumps({"started": t0, "ended": time.time(), "resumed_from": result.resumed_from, "epoch": result.epoch}) + "\n")
+
+
+@dataclass
+class RayDistillResult:
+    run_dir: Path  # the outputs (student, dictionary, metrics.json, config.yaml)
+    storage: Path  # Ray's run folder (checkpoints)
+    history: list[dict] = field(default_factory=list)
+    checkpoint: str | None = None
+    resumed_from: int = 0  # epoch the finishing attempt continued from (0: it ran from the start)
+    seconds: float = 0.0
+    workers: int = 1
+    use_gpu: bool = False
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def default_storage() -> Path:
+    """Where runs go: $KDCI_STORAGE (shared storage on a cluster, see cluster.yaml), else runs/ray here."""
+    return Path(os.environ.get("KDCI_STORAGE", "runs")).resolve() / "ray"
+
+
+def _check_inputs(cfg: DistillConfig) -> None:
+    """Files a run needs, checked on the driver before any worker starts."""
+    needed = {"teacher.weights": cfg.teacher.weights, "pool": cfg.pool, "kdci.dictionary": cfg.kdci.dictionary}
+    for name, path in needed.items():
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{name} = {path}: no such file; fix the path (relative paths are read from {Path.cwd()})")
+    if cfg.pool is None and cfg.synthesis is None:
+        raise ValueError("the config has no `synthesis:` section and no `pool:`: name a DFKD method or a Parquet pool")
+
+
+def distill_on_ray(
+    cfg: DistillConfig,
+    *,
+    num_workers: int = 2,
+    use_gpu: bool | None = None,
+    cpus_per_worker: float | None = None,
+    storage_path: str | Path | None = None,
+    max_failures: int = 2,
+    keep_checkpoints: int = 2,
+    address: str | None = None,
+) -> RayDistillResult:
+    """Run `cfg` as a Ray Train job of `num_workers` DDP workers; submitting the same (storage_path, name)
+    again resumes it (a finished run returns its results without training).
+
+    `use_gpu` None: GPUs when the cluster has any. `cpus_per_worker` None: one GPU worker takes 1 CPU; CPU
+    workers share the CPUs leaving one free for Ray Data's reading.
+    """
+    if num_workers < 1:
+        raise ValueError(f"num_workers = {num_workers}: need at least 1")
+    cfg = with_absolute_paths(cfg)
+    _check_inputs(cfg)
+    storage = Path(storage_path).resolve() if storage_path is not None else default_storage()
+    ray = ensure_ray(address)
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if use_gpu is None:
+        use_gpu = float(ray.cluster_resources().get("GPU", 0)) > 0
+    resources = {"CPU": cpus_per_worker or (1.0 if use_gpu else actor_cpus(num_workers, reserve=1.0))}
+    info = dataset_info(cfg.data.dataset)
+    image_shape = [info.channels, info.image_size, info.image_size]
+    datasets, rows_per_worker = {}, None
+    if cfg.pool is not None:
+        files = pool_files(cfg.pool)
+        rows = sum(pq.read_metadata(f).num_rows for f in files)
+        rows_per_worker = rows // num_workers
+        if rows_per_worker < cfg.optim.batch_size:
+            raise ValueError(
+                f"pool = {cfg.pool}: {rows} rows over {num_workers} workers is {rows_per_worker} each, fewer than "
+                f"optim.batch_size = {cfg.optim.batch_size}; lower the batch size or the workers"
+            )
+        datasets["train"] = ray.data.read_parquet([str(f) for f in files], columns=["image"])
+    run_dir = storage / cfg.name / OUTPUTS
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "use_gpu": use_gpu,
+            "rows_per_worker": rows_per_worker, "image_shape": image_shape,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+        ),
+        datasets=datasets or None,
+    )
+    log.info("ray train: %s on %d %s worker(s) %s, storage %s", cfg.name, num_workers, "GPU" if use_gpu else "CPU", resources, storage)
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - t0
+    if result.error is not None:
+        raise result.error
+    metrics_file = run_dir / "metrics.json"
+    if not metrics_file.is_file():
+        raise RuntimeError(f"the run finished but {metrics_file} is missing: is {storage} storage every node shares?")
+    attempts = (run_dir / ATTEMPTS).read_text().splitlines()
+    return RayDistillResult(
+        run_dir, storage / cfg.name, json.loads(metrics_file.read_text()),
+        checkpoint=None if result.checkpoint is None else result.checkpoint.path,
+        resumed_from=json.loads(attempts[-1])["resumed_from"] if attempts else 0, seconds=seconds,
+        workers=num_workers, use_gpu=use_gpu,
+    )
