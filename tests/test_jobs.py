@@ -61,14 +61,19 @@ def ray_head(tmp_path):
         subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120, env=env)
 
 
-def test_ray_job_submit_runs_a_job_against_a_head_on_localhost(ray_head, digits_teacher, tmp_path):
+def test_ray_job_submit_runs_the_pipeline_against_a_head_on_localhost(ray_head, digits_teacher, tmp_path):
     ray_cli, address, env = ray_head
-    out = tmp_path / "submitted"
+    storage = tmp_path / "storage"
     # The job runs in the uploaded working dir on the cluster: paths it reads and writes are absolute.
     cmd = [ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-           "python", "jobs/synthesize.py", "--config", "configs/deepinv-digits-digits_cnn-digits_cnn_small.yaml",
-           "--set", f"teacher.weights={digits_teacher}", "--set", "synthesis.batch_size=16", "--set", "synthesis.g_steps=2",
-           "--out", str(out), "--shards", "2", "--calls-per-shard", "1"]
+           "python", "jobs/pipeline.py", "--config", "configs/fast-digits-digits_cnn-digits_cnn_small.yaml",
+           "--set", f"teacher.weights={digits_teacher}", "--set", "name=submitted", "--set", "optim.epochs=2",
+           "--set", "synthesis.warmup_calls=0", "--set", "optim.batch_size=32",
+           "--storage", str(storage), "--shards", "2", "--calls-per-shard", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0 and "succeeded" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
-    assert json.loads((out / "manifest.json").read_text())["rows"] == 32
+    run = storage / "submitted"
+    assert json.loads((run / "pool" / "manifest.json").read_text())["rows"] == 2 * 128
+    assert (run / "dictionary.safetensors").is_file()
+    assert [row["epoch"] for row in json.loads((run / "outputs" / "metrics.json").read_text())] == [1, 2]
+    assert (run / "outputs" / "student.safetensors").is_file()

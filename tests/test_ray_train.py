@@ -119,3 +119,33 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, digits_teac
     assert (result.run_dir / "student.safetensors").is_file()
     attempts = [json.loads(line) for line in (result.run_dir / "attempts.jsonl").read_text().splitlines()]
     assert attempts[-1]["epoch"] == epochs and attempts[-1]["resumed_from"] == result.resumed_from
+
+
+def test_pipeline_generates_builds_the_dictionary_and_distills_on_the_pool(ray_local, digits_teacher, tmp_path):
+    """Offline path: Ray Data generation -> distributed dictionary -> Ray Train on the Parquet pool (streamed by
+    Ray Data, split equally over the workers) with that dictionary; submitting again continues, redoing nothing."""
+    from kdci_ray.distributed import run_pipeline
+    from kdci_ray.kdci import ConfounderDictionary
+
+    cfg = fast_config(digits_teacher, "pipe", "optim.epochs=3", "optim.batch_size=32")
+    out = run_pipeline(cfg, storage_path=tmp_path, shards=2, calls_per_shard=2, actors=2, dictionary_shards=2, workers=2)
+    folder = tmp_path / "pipe"
+    assert out["pool_rows"] == 2 * (1 + 2) * 128  # shards x (warm-up + calls) x synthesis.batch_size
+    assert sorted(p.name for p in (folder / "pool").glob("*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
+    assert out["epochs"] == 3 and out["resumed_from"] == 0 and set(out["seconds"]) == {"generate", "dictionary", "distill"}
+    history = json.loads((folder / "outputs" / "metrics.json").read_text())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    # The run trained on the pool (each worker half of it: 384 rows / 32 = 12 steps) with the prebuilt dictionary.
+    state = torch.load(ray_checkpoints(folder)[-1] / "checkpoint.pt", weights_only=True)
+    assert [r["source"]["rows"] for r in state["ranks"]] == [384, 384]
+    assert state["config"]["pool"] == str(folder / "pool") and state["config"]["kdci"]["dictionary"] == out["dictionary"]
+    prebuilt = ConfounderDictionary.load(out["dictionary"])
+    assert torch.equal(state["dictionary"]["tensors"]["prototypes"], prebuilt.prototypes)
+    assert prebuilt.meta.samples == out["pool_rows"] and prebuilt.meta.extra["shards"] == 2
+
+    pool_files = {p: p.stat().st_mtime_ns for p in (folder / "pool").glob("*.parquet")}
+    cached = list((tmp_path / "dictionaries").glob("*.safetensors"))
+    again = run_pipeline(cfg, storage_path=tmp_path, shards=2, calls_per_shard=2, actors=2, dictionary_shards=2, workers=2)
+    assert again["resumed_from"] == 3 and again["test_top1"] == out["test_top1"]
+    assert {p: p.stat().st_mtime_ns for p in (folder / "pool").glob("*.parquet")} == pool_files  # shards kept
+    assert list((tmp_path / "dictionaries").glob("*.safetensors")) == cached and len(cached) == 1  # cache hit

@@ -8,14 +8,16 @@ Nothing here holds training math: stages call the core (`kdci_ray.kdci`, `kdci_r
   manifest; DFND's selection over shards of the wild pool).
 - `dictionary.py`: the confounder dictionary built by shard actors (distributed Lloyd k-means).
 - `train.py`: distillation on Ray Train (the core loop on DDP workers, Ray checkpoints, resume by name).
+- `pipeline.py`: the three stages in order through shared storage.
 """
 
 from .dictionary import build_dictionary_distributed, dictionary_cache_key
 from .generate import generate, select_wild
+from .pipeline import run_pipeline
 from .session import actor_cpus, ensure_ray
 from .train import RayDistillResult, distill_on_ray
 
 __all__ = [
     "RayDistillResult", "actor_cpus", "build_dictionary_distributed", "dictionary_cache_key", "distill_on_ray", "ensure_ray",
-    "generate", "select_wild",
+    "generate", "run_pipeline", "select_wild",
 ]

@@ -1,0 +1,35 @@
+"""Ray job: KDCI distillation on Ray Train (DDP workers; resumes a run of the same name from its checkpoint).
+
+    python jobs/distill.py --config configs/fast-digits-digits_cnn-digits_cnn_small.yaml [--workers 2] [--storage runs/ray]
+    python jobs/distill.py --config ... --set pool=runs/pools/deepinv --set kdci.dictionary=runs/dict.safetensors
+    ray job submit --working-dir . -- python jobs/distill.py --config ... --storage /mnt/efs/kdci/ray
+Substitution data: the config's `pool:` (a jobs/synthesize.py output, streamed by Ray Data) when set, else the
+config's DFKD method on every worker (distinct seeds).
+"""
+
+from _common import parser, run
+
+
+def main() -> dict:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--workers", type=int, default=2, help="DDP workers (one GPU each when the cluster has GPUs)")
+    p.add_argument("--storage", help="Ray Train storage: checkpoints and outputs (default: $KDCI_STORAGE/ray, else runs/ray)")
+    p.add_argument("--max-failures", type=int, default=2, help="restarts from the last checkpoint after a worker dies")
+    p.add_argument("--cpu", action="store_true", help="CPU workers even when the cluster has GPUs")
+    args = p.parse_args()
+
+    from kdci_ray.config import DistillConfig, load_config
+    from kdci_ray.distributed import distill_on_ray, ensure_ray
+
+    cfg = load_config(args.config, DistillConfig, args.set)
+    ensure_ray(args.address)
+    result = distill_on_ray(cfg, num_workers=args.workers, use_gpu=False if args.cpu else None, storage_path=args.storage,
+                            max_failures=args.max_failures)
+    final = result.final
+    return {"run_dir": result.run_dir, "epochs": len(result.history), "resumed_from": result.resumed_from,
+            "test_top1": final.get("test_top1"), "test_top1_compensated": final.get("test_top1_compensated"),
+            "seconds": round(result.seconds, 1), "checkpoint": result.checkpoint}
+
+
+if __name__ == "__main__":
+    run(main)
