@@ -43,7 +43,12 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     from .engine import train_teacher
 
     cfg = load_config(args.config, TeacherTrainConfig, args.set)
-    result = train_teacher(cfg)
+    if args.workers:
+        from .distributed.train import train_teacher_on_ray
+
+        result = train_teacher_on_ray(cfg, num_workers=args.workers, address=args.address)
+    else:
+        result = train_teacher(cfg)
     print(json.dumps({"weights": result["weights"], "top1": round(result["top1"], 4), "top5": round(result["top5"], 4),
                       "seconds": round(result["seconds"], 1)}))
     return 0
@@ -91,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt = sub.add_parser("train-teacher", help="train a classifier on labelled data; writes weights + card")
     tt.add_argument("--config", required=True, help="YAML config (see configs/teacher-*.yaml)")
     tt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. optim.epochs=5")
+    tt.add_argument("--workers", type=int, help="train on Ray Train with this many DDP workers (local Ray, or --address / RAY_ADDRESS)")
+    tt.add_argument("--address", help="Ray cluster address for --workers (default: RAY_ADDRESS, else a local Ray)")
     tt.set_defaults(func=cmd_train_teacher)
 
     di = sub.add_parser(

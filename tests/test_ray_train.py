@@ -149,3 +149,20 @@ def test_pipeline_generates_builds_the_dictionary_and_distills_on_the_pool(ray_l
     assert again["resumed_from"] == 3 and again["test_top1"] == out["test_top1"]
     assert {p: p.stat().st_mtime_ns for p in (folder / "pool").glob("*.parquet")} == pool_files  # shards kept
     assert list((tmp_path / "dictionaries").glob("*.safetensors")) == cached and len(cached) == 1  # cache hit
+
+
+def test_teacher_training_on_ray_train_with_two_workers(ray_local, tmp_path):
+    """`train-teacher` on 2 DDP workers: each takes half of every epoch; rank 0 writes a teacher that works."""
+    from kdci_ray.config import TeacherTrainConfig, validate_config
+    from kdci_ray.distributed import train_teacher_on_ray
+    from kdci_ray.models import load_classifier
+
+    cfg = validate_config(TeacherTrainConfig, {
+        "name": "digits_ddp", "data": {"dataset": "digits"}, "model": {"arch": "digits_cnn"},
+        "optim": {"lr": 0.05, "batch_size": 32, "epochs": 12, "warmup_epochs": 1},
+        "augment": {"crop_padding": 1, "hflip": False}, "output": {"dir": str(tmp_path / "teachers")},
+    })
+    result = train_teacher_on_ray(cfg, num_workers=2, storage_path=tmp_path / "ray")
+    assert result["top1"] > 90, result
+    model, card = load_classifier(result["weights"], "digits_cnn", 10, 1)
+    assert card.accuracy == result["top1"] and card.extra["epochs"] == 12

@@ -64,37 +64,56 @@ class DeviceBatches:
         drop_last: bool = False,
         seed: int = 0,
         num_workers: int = 4,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.dataset, self.batch_size, self.device = dataset, batch_size, torch.device(device)
         self.shuffle, self.drop_last = shuffle, drop_last
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.seed, self.epoch = seed, 0
         self.num_workers = num_workers
+        # Data parallel: rank r reads every world_size-th item of the shared order (the same permutation
+        # on every rank, from the same seed), cut to an equal share so all ranks take the same steps.
+        self.rank, self.world_size = rank, world_size
         self._images = self._labels = None
         if isinstance(dataset, ArrayImageDataset):
             self._images = torch.from_numpy(dataset.images).to(self.device).permute(0, 3, 1, 2)
             labels = dataset.labels if dataset.labels is not None else [-1] * len(dataset)
             self._labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
 
+    def _share(self) -> int:
+        return len(self.dataset) // self.world_size if self.world_size > 1 else len(self.dataset)
+
     def __len__(self) -> int:
-        n = len(self.dataset)
+        n = self._share()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.epoch += 1
         if self._images is None:
             yield from self._iter_files()
             return
         n = len(self.dataset)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        if self.world_size > 1:
+            order = order[self.rank : self._share() * self.world_size : self.world_size]
         order = order.to(self.device)
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield self._images.index_select(0, idx), self._labels.index_select(0, idx)
 
     def _iter_files(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        sampler = None
+        if self.world_size > 1:
+            sampler = torch.utils.data.DistributedSampler(
+                self.dataset, self.world_size, self.rank, shuffle=self.shuffle, seed=self.seed, drop_last=True
+            )
+            sampler.set_epoch(self.epoch)
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            shuffle=self.shuffle,
+            sampler=sampler,
+            shuffle=self.shuffle and sampler is None,
             drop_last=self.drop_last,
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",

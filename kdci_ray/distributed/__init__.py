@@ -15,9 +15,9 @@ from .dictionary import build_dictionary_distributed, dictionary_cache_key
 from .generate import generate, select_wild
 from .pipeline import run_pipeline
 from .session import actor_cpus, ensure_ray
-from .train import RayDistillResult, distill_on_ray
+from .train import RayDistillResult, distill_on_ray, train_teacher_on_ray
 
 __all__ = [
     "RayDistillResult", "actor_cpus", "build_dictionary_distributed", "dictionary_cache_key", "distill_on_ray", "ensure_ray",
-    "generate", "run_pipeline", "select_wild",
+    "generate", "run_pipeline", "select_wild", "train_teacher_on_ray",
 ]

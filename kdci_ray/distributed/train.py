@@ -35,6 +35,7 @@ from ..config import DistillConfig, validate_config, with_absolute_paths
 from ..data import dataset_info
 from ..engine.distill import distill, make_source
 from ..engine.parallel import rank_seed
+from ..models import ModelCard
 from .dictionary import pool_files
 from .session import actor_cpus, ensure_ray, limit_threads_to_cpu_share
 
@@ -260,3 +261,58 @@ def distill_on_ray(
         resumed_from=json.loads(attempts[-1])["resumed_from"] if attempts else 0, seconds=seconds,
         workers=num_workers, use_gpu=use_gpu,
     )
+
+
+def _teacher_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from ..config import TeacherTrainConfig
+    from ..engine.teacher import train_teacher
+
+    limit_threads_to_cpu_share()
+    cfg = validate_config(TeacherTrainConfig, config["cfg"], "the teacher config")
+    if config["use_gpu"]:
+        cfg = cfg.model_copy(update={"device": str(ray.train.torch.get_device())})
+    train_teacher(cfg)  # rank 0 writes the weights and the card the driver reads
+
+
+def train_teacher_on_ray(
+    cfg, *, num_workers: int = 2, use_gpu: bool | None = None, cpus_per_worker: float | None = None,
+    storage_path: str | Path | None = None, address: str | None = None,
+) -> dict:
+    """`train-teacher` as a Ray Train job of `num_workers` DDP workers (each a share of every epoch's
+    batches); rank 0 writes `<output.dir>/<name>.safetensors` + card (output.dir: storage every node shares).
+    Returns the card's numbers."""
+    from ..config import TeacherTrainConfig
+
+    if not isinstance(cfg, TeacherTrainConfig):
+        raise TypeError("train_teacher_on_ray takes a TeacherTrainConfig")
+    cfg = with_absolute_paths(cfg)
+    weights = Path(cfg.output.dir) / f"{cfg.name}.safetensors"
+    if weights.exists() and not cfg.output.overwrite:  # before any worker starts
+        raise FileExistsError(f"{weights} exists: choose another name, or set output.overwrite=true to replace it")
+    storage = Path(storage_path).resolve() if storage_path is not None else default_storage()
+    ray = ensure_ray(address)
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if use_gpu is None:
+        use_gpu = float(ray.cluster_resources().get("GPU", 0)) > 0
+    resources = {"CPU": cpus_per_worker or (1.0 if use_gpu else actor_cpus(num_workers, reserve=0.0))}
+    trainer = TorchTrainer(
+        _teacher_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "use_gpu": use_gpu},
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=f"teacher-{cfg.name}-{int(time.time())}", storage_path=str(storage)),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    card_file = weights.with_suffix(".json")
+    if not card_file.is_file():
+        raise RuntimeError(f"training finished but {card_file} is missing: is output.dir = {cfg.output.dir} storage every node shares?")
+    card = ModelCard.read(card_file)
+    return {"weights": str(weights), "top1": card.accuracy, "top5": card.extra.get("top5"),
+            "seconds": time.perf_counter() - t0, "workers": num_workers, "card": card}

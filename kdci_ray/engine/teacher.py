@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..config import TeacherTrainConfig, dump_config
 from ..data import DeviceBatches, Normalize, dataset_info, load_dataset, random_crop_flip
 from ..models import ModelCard, create_model, save_classifier
+from . import parallel
 from .evaluate import check_labeled, evaluate
 from .runtime import resolve_runtime, seed_everything
 
@@ -60,10 +61,13 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
     """Train, evaluate and save; returns {'weights', 'card', 'top1', 'top5', 'seconds', 'history'}."""
     out_dir = Path(cfg.output.dir)
     weights_path = out_dir / f"{cfg.name}.safetensors"
+    rank, world = parallel.rank(), parallel.world_size()
+    primary = rank == 0  # under data parallelism (a Ray Train worker) rank 0 evaluates and writes
     # Fail before any work rather than after hours of training.
-    if weights_path.exists() and not cfg.output.overwrite:
+    if primary and weights_path.exists() and not cfg.output.overwrite:
         raise FileExistsError(f"{weights_path} exists: choose another name, or set output.overwrite=true to replace it")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if primary:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     seed_everything(cfg.seed)
     runtime = resolve_runtime(cfg.device, cfg.precision, cfg.channels_last)
@@ -78,8 +82,15 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
         if len(split_set) == 0:
             raise ValueError(f"{info.name}/{split_set.split} is empty")
     model = runtime.prepare(create_model(cfg.model.arch, num_classes=num_classes, in_channels=info.channels))
+    trained = model  # what the optimiser steps: the model, DDP-wrapped (rank 0's initial weights) across ranks
+    if world > 1:
+        device_ids = [runtime.device.index or 0] if runtime.device.type == "cuda" else None
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
-    train_batches = DeviceBatches(train_set, cfg.optim.batch_size, runtime.device, shuffle=True, drop_last=len(train_set) >= 2 * cfg.optim.batch_size, seed=cfg.seed)
+    train_batches = DeviceBatches(
+        train_set, cfg.optim.batch_size, runtime.device, shuffle=True, drop_last=len(train_set) // world >= 2 * cfg.optim.batch_size,
+        seed=cfg.seed, rank=rank, world_size=world,
+    )
     test_batches = DeviceBatches(test_set, 512, runtime.device)
     normalize = Normalize(info.mean, info.std).to(runtime.device)
     optimizer = make_optimizer(model, cfg.optim, runtime.device)
@@ -88,17 +99,18 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total, round(cfg.optim.warmup_epochs * steps_per_epoch), cfg.optim.schedule)
     )
-    aug_gen = torch.Generator(device=runtime.device).manual_seed(cfg.seed + 1)
+    aug_gen = torch.Generator(device=runtime.device).manual_seed(parallel.rank_seed(cfg.seed) + 1)
     scaler = runtime.grad_scaler()  # a no-op unless precision is fp16
     log.info(
-        "train-teacher %s: %s on %s (%d train / %d test), %d epochs x %d steps, %s",
+        "train-teacher %s: %s on %s (%d train / %d test), %d epochs x %d steps, %s%s",
         cfg.name, cfg.model.arch, cfg.data.dataset, len(train_set), len(test_set), cfg.optim.epochs, steps_per_epoch, runtime.describe(),
+        f", rank {rank} of {world}" if world > 1 else "",
     )
 
     history, metrics = [], {"top1": float("nan"), "top5": float("nan")}
     start = time.perf_counter()
     for epoch in range(1, cfg.optim.epochs + 1):
-        model.train()
+        trained.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=runtime.device)
         correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
@@ -109,7 +121,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
             if runtime.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with runtime.autocast():
-                logits = model(x)
+                logits = trained(x)
                 loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -120,12 +132,15 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
             loss_sum += loss.detach() * labels.shape[0]
             correct += (logits.detach().argmax(1) == labels).sum()
             seen += labels.shape[0]
-        row = {"epoch": epoch, "train_loss": loss_sum.item() / seen, "train_top1": 100.0 * correct.item() / seen}
-        if epoch % cfg.eval_every == 0 or epoch == cfg.optim.epochs:
+        # Over all ranks (one collective per epoch): summed loss, correct and seen.
+        totals = parallel.all_reduce_mean(torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=runtime.device)]))
+        loss_total, correct_total, seen_total = totals.tolist()
+        row = {"epoch": epoch, "train_loss": loss_total / seen_total, "train_top1": 100.0 * correct_total / seen_total}
+        if primary and (epoch % cfg.eval_every == 0 or epoch == cfg.optim.epochs):
             metrics = evaluate(model, test_batches, normalize, runtime)
             row.update(test_top1=metrics["top1"], test_top5=metrics["top5"])
         elapsed = time.perf_counter() - t0
-        row["images_per_s"] = seen / elapsed
+        row["images_per_s"] = seen * world / elapsed
         history.append(row)
         if not math.isfinite(row["train_loss"]):
             raise FloatingPointError(f"train-teacher {cfg.name}: loss became {row['train_loss']} at epoch {epoch}; lower optim.lr")
@@ -135,6 +150,8 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
             f" test {row['test_top1']:.2f}%" if "test_top1" in row else "", row["images_per_s"],
         )
     seconds = time.perf_counter() - start
+    if not primary:
+        return {"weights": str(weights_path), "card": None, "top1": float("nan"), "top5": float("nan"), "seconds": seconds, "history": history}
 
     card = ModelCard(
         arch=cfg.model.arch,
