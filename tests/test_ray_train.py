@@ -73,13 +73,20 @@ def test_ddp_distillation_trains_checkpoints_and_does_not_restart_a_finished_run
 
 
 def _train_worker_pids() -> list[int]:
-    """Ray Train worker processes (Ray titles them `ray::RayTrainWorker...`), read from /proc."""
+    """This session's Ray Train worker processes: children of our raylet that Ray titles
+    `ray::RayTrainWorker...` (other Ray sessions on the machine are left alone)."""
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     pids = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+            if not entry.name.isdigit():
+                continue
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent == raylet and (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
                 pids.append(int(entry.name))
-        except OSError:  # the process ended while we looked
+        except (OSError, IndexError, ValueError):  # the process ended while we looked
             continue
     return pids
 
@@ -92,18 +99,28 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, digits_teac
     run_folder = tmp_path / "killed"
     killed = {}
 
+    def registered_epoch() -> int:
+        """The epoch of the newest checkpoint Ray's controller has registered (a checkpoint folder exists
+        before its registration; an unregistered one is not resumed from)."""
+        try:
+            snapshot = json.loads((run_folder / "checkpoint_manager_snapshot.json").read_text())
+            return int((snapshot.get("latest_checkpoint_result") or {}).get("metrics", {}).get("epoch", 0))
+        except (OSError, ValueError):
+            return 0
+
     def kill_a_worker_after_two_checkpoints():
         deadline = time.time() + 240
         while time.time() < deadline:
-            snapshot = run_folder / "outputs" / "checkpoint.pt"
-            if len(ray_checkpoints(run_folder)) >= 2 and snapshot.is_file():
+            registered = registered_epoch()
+            if registered >= 2:
                 pids = _train_worker_pids()
                 if len(pids) == 2:
-                    killed["epoch"] = torch.load(snapshot, weights_only=True)["epoch"]
+                    killed["registered"] = registered
+                    killed["epoch"] = torch.load(run_folder / "outputs" / "checkpoint.pt", weights_only=True)["epoch"]
                     killed["pid"] = max(pids)
                     os.kill(killed["pid"], signal.SIGKILL)
                     return
-            time.sleep(0.2)
+            time.sleep(0.1)
 
     killer = threading.Thread(target=kill_a_worker_after_two_checkpoints, daemon=True)
     killer.start()
@@ -111,9 +128,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, digits_teac
     killer.join(timeout=5)
     assert "pid" in killed, "the worker was never killed (the run ended first?)"
     assert killed["epoch"] < epochs
-    # A finished run whose last attempt continued from a checkpoint written before the kill (the newest one
-    # Ray had registered: the one being registered at the kill may be lost)...
-    assert 1 <= result.resumed_from <= killed["epoch"]
+    # A finished run whose last attempt continued from the newest checkpoint Ray had registered at the kill...
+    assert killed["registered"] <= result.resumed_from <= killed["epoch"]
     # ...and each epoch once in the metrics history (the cut epoch's row was never checkpointed).
     assert [row["epoch"] for row in result.history] == list(range(1, epochs + 1))
     assert (result.run_dir / "student.safetensors").is_file()
@@ -166,3 +182,30 @@ def test_teacher_training_on_ray_train_with_two_workers(ray_local, tmp_path):
     assert result["top1"] > 90, result
     model, card = load_classifier(result["weights"], "digits_cnn", 10, 1)
     assert card.accuracy == result["top1"] and card.extra["epochs"] == 12
+
+
+def test_inputs_are_checked_before_any_worker_starts(digits_teacher, tmp_path, monkeypatch):
+    """No Ray needed: bad inputs fail on the driver with the field named."""
+    from kdci_ray.distributed import distill_on_ray
+    from kdci_ray.distributed.train import resolve_storage
+    from kdci_ray.engine.distill import check_pool_run
+
+    missing = fast_config(digits_teacher, "bad", f"pool={tmp_path / 'nowhere'}")
+    with pytest.raises(FileNotFoundError, match="pool = "):
+        distill_on_ray(missing, storage_path=tmp_path)
+    dfnd = load_config(CONFIG.with_name("dfnd-digits-digits_cnn-digits_cnn_small.yaml"), DistillConfig,
+                       [f"teacher.weights={digits_teacher}", f"pool={tmp_path}"])
+    with pytest.raises(ValueError, match="noise_adaptation"):  # DFND's own student term would be lost on a fixed pool
+        check_pool_run(dfnd)
+    check_pool_run(dfnd.model_copy(update={"synthesis": dfnd.synthesis.model_copy(update={"noise_adaptation": 0.0})}))
+    # Inside `ray job submit` the working directory is a temporary copy: storage must be absolute.
+    monkeypatch.delenv("KDCI_STORAGE", raising=False)
+    assert resolve_storage(None) == Path("runs/ray").resolve()
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    with pytest.raises(ValueError, match="--storage"):
+        resolve_storage(None)
+    with pytest.raises(ValueError, match="--storage"):
+        resolve_storage("runs/ray")
+    assert resolve_storage(tmp_path) == tmp_path
+    monkeypatch.setenv("KDCI_STORAGE", str(tmp_path))
+    assert resolve_storage(None) == tmp_path / "ray"

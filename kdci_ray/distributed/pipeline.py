@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 from ..config import DistillConfig, with_absolute_paths
-from ..engine.distill import load_models
+from ..engine.distill import check_pool_run, load_models
 from ..engine.runtime import resolve_runtime
 from .dictionary import build_dictionary_distributed
 from .generate import generate, select_wild
 from .session import ensure_ray
-from .train import default_storage, distill_on_ray
+from .train import distill_on_ray, resolve_storage
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,10 @@ def run_pipeline(
     if cfg.pool is not None:
         raise ValueError(f"pool = {cfg.pool}: the pipeline makes its own pool; unset pool (or run jobs/distill.py on that pool)")
     cfg = with_absolute_paths(cfg)
-    storage = Path(storage_path).resolve() if storage_path is not None else default_storage()
+    storage = resolve_storage(storage_path)
     folder = storage / cfg.name
     pool = folder / "pool"
+    check_pool_run(cfg.model_copy(update={"pool": pool}))  # e.g. DFND's noise adaptation: refused before any stage
     teacher_id = load_models(cfg, resolve_runtime("cpu")).teacher_id  # fails on bad teacher weights before any stage
     ensure_ray(address)
     seconds: dict[str, float] = {}

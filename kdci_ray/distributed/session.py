@@ -27,13 +27,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
     return ray
 
 
-def actor_cpus(actors: int, reserve: float = 1.0) -> float:
+def actor_cpus(actors: int, reserve: float = 1.0, cap: float | None = 1.0) -> float:
     """CPUs per actor so that `actors` actors leave `reserve` CPUs free for Ray Data's read and other
-    stages: an actor pool that takes every CPU starves the stage feeding it and hangs."""
+    stages: an actor pool that takes every CPU starves the stage feeding it and hangs. `cap`: at most this
+    many per actor (None: no cap, e.g. for training workers that use every thread they get)."""
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 1.0))
-    return max(0.05, min(1.0, (total - reserve) / max(1, actors)))
+    share = (total - reserve) / max(1, actors)
+    return max(0.05, share if cap is None else min(cap, share))
 
 
 def limit_threads_to_cpu_share() -> None:

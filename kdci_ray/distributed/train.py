@@ -33,7 +33,7 @@ import torch
 
 from ..config import DistillConfig, validate_config, with_absolute_paths
 from ..data import dataset_info
-from ..engine.distill import distill, make_source
+from ..engine.distill import check_pool_run, distill, make_source
 from ..engine.parallel import rank_seed
 from ..models import ModelCard
 from .dictionary import pool_files
@@ -136,14 +136,17 @@ def _train_worker(config: dict) -> None:
     cfg = validate_config(DistillConfig, config["cfg"], "the run's config")
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    if config["use_gpu"]:  # the device Ray Train gave this worker (cuda:<local rank>)
-        cfg = cfg.model_copy(update={"device": str(ray.train.torch.get_device())})
+    # The device Ray Train gave this worker (cuda:<local rank>); CPU workers stay on the CPU even on a GPU node.
+    cfg = cfg.model_copy(update={"device": str(ray.train.torch.get_device()) if config["use_gpu"] else "cpu"})
     if cfg.pool is not None:
         source = ShardSource(ray.train.get_dataset_shard("train"), config["rows_per_worker"], tuple(config["image_shape"]),
                              seed=rank_seed(cfg.seed), name=f"pool {Path(cfg.pool).name} (shard {rank})")
     else:
         source = make_source(cfg, seed=rank_seed(cfg.seed))
     run_dir = Path(config["run_dir"])
+    if rank == 0:  # report folders an attempt killed mid-report left behind
+        for leftover in run_dir.glob(".report-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
     checkpoint = ray.train.get_checkpoint()
     t0 = time.time()
     if checkpoint is None:
@@ -173,9 +176,19 @@ class RayDistillResult:
         return self.history[-1] if self.history else {}
 
 
-def default_storage() -> Path:
-    """Where runs go: $KDCI_STORAGE (shared storage on a cluster, see cluster.yaml), else runs/ray here."""
-    return Path(os.environ.get("KDCI_STORAGE", "runs")).resolve() / "ray"
+def resolve_storage(storage_path: str | Path | None = None) -> Path:
+    """Where runs go: `storage_path`, else $KDCI_STORAGE/ray (shared storage on a cluster, see cluster.yaml),
+    else runs/ray here. Inside `ray job submit` the working directory is a temporary copy of the upload,
+    so storage there must be an absolute path (else a re-submission could not find the run to resume)."""
+    in_submitted_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    if storage_path is None and "KDCI_STORAGE" in os.environ:
+        storage_path = Path(os.environ["KDCI_STORAGE"]) / "ray"
+    if in_submitted_job and (storage_path is None or not Path(storage_path).is_absolute()):
+        raise ValueError(
+            f"storage = {storage_path or 'runs/ray (default)'}: inside `ray job submit` the working directory is a temporary copy; "
+            "pass --storage /absolute/shared/path or set KDCI_STORAGE on the cluster"
+        )
+    return Path(storage_path if storage_path is not None else "runs/ray").resolve()
 
 
 def _check_inputs(cfg: DistillConfig) -> None:
@@ -186,6 +199,7 @@ def _check_inputs(cfg: DistillConfig) -> None:
             raise FileNotFoundError(f"{name} = {path}: no such file; fix the path (relative paths are read from {Path.cwd()})")
     if cfg.pool is None and cfg.synthesis is None:
         raise ValueError("the config has no `synthesis:` section and no `pool:`: name a DFKD method or a Parquet pool")
+    check_pool_run(cfg)
 
 
 def distill_on_ray(
@@ -209,14 +223,15 @@ def distill_on_ray(
         raise ValueError(f"num_workers = {num_workers}: need at least 1")
     cfg = with_absolute_paths(cfg)
     _check_inputs(cfg)
-    storage = Path(storage_path).resolve() if storage_path is not None else default_storage()
+    storage = resolve_storage(storage_path)
     ray = ensure_ray(address)
     import ray.train
     from ray.train.torch import TorchTrainer
 
     if use_gpu is None:
         use_gpu = float(ray.cluster_resources().get("GPU", 0)) > 0
-    resources = {"CPU": cpus_per_worker or (1.0 if use_gpu else actor_cpus(num_workers, reserve=1.0))}
+    # CPU workers share the CPUs, one left free for Ray Data's reading (and the Train controller).
+    resources = {"CPU": cpus_per_worker or (1.0 if use_gpu else actor_cpus(num_workers, reserve=1.0, cap=None))}
     info = dataset_info(cfg.data.dataset)
     image_shape = [info.channels, info.image_size, info.image_size]
     datasets, rows_per_worker = {}, None
@@ -272,8 +287,7 @@ def _teacher_worker(config: dict) -> None:
 
     limit_threads_to_cpu_share()
     cfg = validate_config(TeacherTrainConfig, config["cfg"], "the teacher config")
-    if config["use_gpu"]:
-        cfg = cfg.model_copy(update={"device": str(ray.train.torch.get_device())})
+    cfg = cfg.model_copy(update={"device": str(ray.train.torch.get_device()) if config["use_gpu"] else "cpu"})
     train_teacher(cfg)  # rank 0 writes the weights and the card the driver reads
 
 
@@ -292,14 +306,14 @@ def train_teacher_on_ray(
     weights = Path(cfg.output.dir) / f"{cfg.name}.safetensors"
     if weights.exists() and not cfg.output.overwrite:  # before any worker starts
         raise FileExistsError(f"{weights} exists: choose another name, or set output.overwrite=true to replace it")
-    storage = Path(storage_path).resolve() if storage_path is not None else default_storage()
+    storage = resolve_storage(storage_path)
     ray = ensure_ray(address)
     import ray.train
     from ray.train.torch import TorchTrainer
 
     if use_gpu is None:
         use_gpu = float(ray.cluster_resources().get("GPU", 0)) > 0
-    resources = {"CPU": cpus_per_worker or (1.0 if use_gpu else actor_cpus(num_workers, reserve=0.0))}
+    resources = {"CPU": cpus_per_worker or (1.0 if use_gpu else actor_cpus(num_workers, reserve=0.0, cap=None))}
     trainer = TorchTrainer(
         _teacher_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "use_gpu": use_gpu},

@@ -62,6 +62,8 @@ CHECKPOINT_FORMAT = 1
 _RESUME_FREE = {
     "device", "precision", "channels_last", "resume", "eval_every", "output", "data.root", "data.download",
     "synthesis.export_pool", "synthesis.precision", "synthesis.init_pool",  # a resumed run's pool comes from its checkpoint
+    "teacher.weights",  # where the teacher is; what it is is checked by its content hash (teacher_id)
+    "kdci.dictionary",  # a resumed run's dictionary comes from its checkpoint
 }
 # What the loop writes into a run directory (removed by output.overwrite=true, and nothing else).
 _RUN_FILES = (
@@ -228,8 +230,7 @@ class _Run:
         # weights here, so every rank starts from the same student and intervention).
         self.train_module: torch.nn.Module = self.distiller
         if self.world > 1:
-            device_ids = [runtime.device.index or 0] if runtime.device.type == "cuda" else None
-            self.train_module = torch.nn.parallel.DistributedDataParallel(self.distiller, device_ids=device_ids)
+            self.train_module = parallel.wrap_ddp(self.distiller, runtime.device)
         self.optimizer = make_optimizer(self.distiller, cfg.optim, runtime.device)
         self.extra_optimizers = source.kd_optimizers() if hasattr(source, "kd_optimizers") else []
         self.scaler = runtime.grad_scaler()
@@ -239,6 +240,8 @@ class _Run:
         available = source.min_dictionary_images() if hasattr(source, "min_dictionary_images") else (
             len(source) if hasattr(source, "__len__") else None
         )
+        if available is not None:  # the dictionary is built from every rank's data
+            available = parallel.sum_over_ranks(available)
         if k.enabled and k.dictionary is None and available is not None and available < k.n:
             # Caught here, not at the first dictionary build (which may come after an expensive synthesis).
             raise ValueError(
@@ -270,7 +273,7 @@ class _Run:
         blocks = list(teacher_blocks(self.teacher, self.source.dictionary_images(), self.prepare_input, k.feature, self.runtime.autocast))
         # Data parallel: the dictionary covers every rank's substitution data; rank 0 builds it (k-means is
         # cheap next to a training epoch) and the others receive it, so all ranks intervene identically.
-        every_rank = parallel.gather_objects(blocks)
+        every_rank = parallel.gather_to_primary(blocks)
         dictionary = None
         if self.primary:
             dictionary = build_dictionary(
@@ -317,18 +320,20 @@ class _Run:
             seen += x.shape[0]
         if steps == 0:
             raise RuntimeError(f"epoch {epoch}: the substitution source yielded no batches")
-        # One vector, one collective: the epoch's means over all ranks (names are the same on every rank).
+        # One vector, one collective: sums over all ranks (every rank takes the same steps with the same loss
+        # names), divided on the host as the single-process run always did.
         names = sorted(sums)
-        totals = torch.stack([loss_sum, entropy, *(sums[name] for name in names)]) / steps
-        totals = parallel.all_reduce_mean(torch.cat([totals, torch.tensor([float(seen)], device=device)])).tolist()
-        row = {f"train_{name}": value for name, value in zip(names, totals[2:-1])}
-        row["train_loss"] = totals[0]  # .tolist() synced: time the epoch after it
+        totals = torch.stack([loss_sum, entropy, *(sums[name] for name in names), torch.tensor(float(seen), device=device)])
+        totals = parallel.all_reduce_sum(totals).tolist()  # syncs: time the epoch after it
+        per_step = self.world * steps
+        row = {f"train_{name}": value / per_step for name, value in zip(names, totals[2:-1])}
+        row["train_loss"] = totals[0] / per_step
         if hasattr(self.source, "epoch_metrics"):
-            row.update(self.source.epoch_metrics())
+            row.update(parallel.mean_over_ranks(self.source.epoch_metrics()))
         if self.intervention is not None:
-            row["attention_entropy"] = totals[1]
+            row["attention_entropy"] = totals[1] / per_step
         seconds = time.perf_counter() - t0
-        images = totals[-1] * self.world  # all ranks' images: the run's throughput
+        images = totals[-1]  # all ranks' images: the run's throughput
         row.update(lr=self.scheduler.get_last_lr()[0], images_per_s=images / seconds, epoch_seconds=seconds)
         if not math.isfinite(row["train_loss"]):
             raise FloatingPointError(f"distill {cfg.name}: loss became {row['train_loss']} in epoch {epoch}; lower optim.lr")
@@ -348,7 +353,7 @@ class _Run:
         d = self.dictionary
         # Each rank's own source (its synthesizer's pool and generator) and RNGs, so every rank continues
         # where it was; rank 0's also sit in the single-process places below.
-        ranks = parallel.gather_objects({"source": self.source.state_dict(), "rng": rng_state()}) if self.world > 1 else None
+        ranks = parallel.gather_to_primary({"source": self.source.state_dict(), "rng": rng_state()}) if self.world > 1 else None
         if not self.primary:
             return None
         return {
@@ -360,10 +365,10 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "dictionary": None if d is None else {"tensors": d.tensors(), "meta": d.meta_json(), "epoch": self.dictionary_epoch},
-            "source": self.source.state_dict(),
+            "source": self.source.state_dict() if self.world == 1 else None,  # data parallel: in "ranks"
             "teacher_id": self.teacher_id,
             "scaler": self.scaler.state_dict(),
-            "rng": rng_state(),
+            "rng": rng_state() if self.world == 1 else None,
             "history": history,
             "world_size": self.world,
             "ranks": ranks,
@@ -518,7 +523,8 @@ def distill(
         if primary:
             logger.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             save_atomic(checkpoint, ckpt_path)
-        logger.on_checkpoint(epoch, row, ckpt_path if primary else None)
+        if hasattr(logger, "on_checkpoint"):  # optional: loggers written before the hook existed still work
+            logger.on_checkpoint(epoch, row, ckpt_path if primary else None)
         result.epoch = epoch
         log.info(
             "epoch %d/%d loss %.4f%s%s%s  %.0f img/s", epoch, cfg.optim.epochs, row["train_loss"],
@@ -544,6 +550,9 @@ def _finished(run: _Run, result: DistillResult) -> DistillResult:
     run_dir = result.run_dir
     result.finished = True
     result.epoch = cfg.optim.epochs
+    if cfg.synthesis is not None and cfg.synthesis.export_pool and hasattr(run.source, "to_parquet"):
+        name = "pool.parquet" if run.world == 1 else f"pool-rank{run.rank}.parquet"  # every rank made its own pool
+        run.source.to_parquet(run_dir / name, {"run": cfg.name, "teacher_id": run.teacher_id, "rank": run.rank})
     if not run.primary:
         return result
     final = result.final
@@ -558,8 +567,6 @@ def _finished(run: _Run, result: DistillResult) -> DistillResult:
     )
     if run.dictionary is not None:
         result.dictionary_path = run.dictionary.save(run_dir / "dictionary.safetensors")
-    if cfg.synthesis is not None and cfg.synthesis.export_pool and hasattr(run.source, "to_parquet"):
-        run.source.to_parquet(run_dir / "pool.parquet", {"run": cfg.name, "teacher_id": run.teacher_id})
     (run_dir / "metrics.json").write_text(json.dumps(result.history, indent=1))
     return result
 
@@ -573,6 +580,7 @@ def make_source(cfg: DistillConfig, seed: int | None = None) -> SubstitutionSour
     info = dataset_info(cfg.data.dataset)
     image_shape = (info.channels, info.image_size, info.image_size)
     if cfg.pool is not None:
+        check_pool_run(cfg)
         data = read_pool_parquet(cfg.pool)
         if tuple(data.meta["image_shape"]) != image_shape:
             raise ValueError(f"pool = {cfg.pool}: images are {tuple(data.meta['image_shape'])}, {cfg.data.dataset} needs {image_shape}")
@@ -583,6 +591,15 @@ def make_source(cfg: DistillConfig, seed: int | None = None) -> SubstitutionSour
             "(synthesis.method: dafl | deepinv | fast | cmi | mosaickd | dfnd) or a Parquet pool (pool: path)"
         )
     return create_synthesizer(cfg.synthesis, image_shape, cfg.teacher.num_classes or info.num_classes, seed=seed)
+
+
+def check_pool_run(cfg: DistillConfig) -> None:
+    """A fixed pool trains with the KD loss (+ KDCI) only: refuse a method whose own student terms would be lost."""
+    if cfg.pool is not None and cfg.synthesis is not None and getattr(cfg.synthesis, "noise_adaptation", 0) > 0:
+        raise ValueError(
+            f"pool = {cfg.pool} trains on fixed data with the KD loss only, but synthesis.method = {cfg.synthesis.method} adds its "
+            "own student term (noise_adaptation); unset pool to distill with the method, or set synthesis.noise_adaptation=0"
+        )
 
 
 def load_prebuilt_dictionary(path: Path, n: int, teacher_id: str, num_classes: int) -> ConfounderDictionary:

@@ -32,6 +32,14 @@ def rank_seed(seed: int) -> int:
     return seed + 1000 * rank()
 
 
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`module` in DistributedDataParallel on `device` (its GPU, or the current one for a bare "cuda")."""
+    device_ids = None
+    if device.type == "cuda":
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+
 def to_cpu(obj: Any) -> Any:
     """Tensors (also nested in dicts, lists, tuples) moved to the CPU: object collectives pickle their
     input, and a CUDA tensor in a pickle would land on the receiver's GPU of the same index."""
@@ -53,6 +61,29 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def gather_to_primary(obj: Any) -> list[Any] | None:
+    """Every rank's `obj`, in rank order, on rank 0 only (None elsewhere): for large states (synthesizer
+    pools, teacher outputs) that only rank 0 needs."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] | None = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(to_cpu(obj), out, dst=0)
+    return out
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Per-key mean of small scalar dicts over the ranks that have the key (keys may differ by rank)."""
+    if world_size() == 1:
+        return values
+    every = gather_objects(values)
+    keys = dict.fromkeys(k for d in every for k in d)
+    return {k: sum(d[k] for d in every if k in d) / sum(k in d for d in every) for k in keys}
+
+
+def sum_over_ranks(value: int) -> int:
+    return value if world_size() == 1 else sum(gather_objects(value))
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """`obj` of rank `src` on every rank."""
     if world_size() == 1:
@@ -62,13 +93,13 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    """The mean over ranks of a tensor (one collective; used once per epoch for the metrics)."""
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of a tensor (one collective; used once per epoch for the metrics)."""
     if world_size() == 1:
         return values
     values = values.clone()
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values / world_size()
+    return values
 
 
 def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:

@@ -84,8 +84,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
     model = runtime.prepare(create_model(cfg.model.arch, num_classes=num_classes, in_channels=info.channels))
     trained = model  # what the optimiser steps: the model, DDP-wrapped (rank 0's initial weights) across ranks
     if world > 1:
-        device_ids = [runtime.device.index or 0] if runtime.device.type == "cuda" else None
-        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        trained = parallel.wrap_ddp(model, runtime.device)
 
     train_batches = DeviceBatches(
         train_set, cfg.optim.batch_size, runtime.device, shuffle=True, drop_last=len(train_set) // world >= 2 * cfg.optim.batch_size,
@@ -133,7 +132,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
             correct += (logits.detach().argmax(1) == labels).sum()
             seen += labels.shape[0]
         # Over all ranks (one collective per epoch): summed loss, correct and seen.
-        totals = parallel.all_reduce_mean(torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=runtime.device)]))
+        totals = parallel.all_reduce_sum(torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=runtime.device)]))
         loss_total, correct_total, seen_total = totals.tolist()
         row = {"epoch": epoch, "train_loss": loss_total / seen_total, "train_top1": 100.0 * correct_total / seen_total}
         if primary and (epoch % cfg.eval_every == 0 or epoch == cfg.optim.epochs):
