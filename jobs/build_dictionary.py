@@ -31,7 +31,7 @@ def main() -> dict:
     dictionary = build_dictionary_distributed(
         args.pool, k.n, seed=cfg.seed, niter=k.niter, nredo=k.nredo, feature=k.feature, pca_dim=k.pca_dim,
         max_train_points=k.max_train_points, shards=args.shards, teacher=teacher_id, dataset=cfg.data.dataset,
-        cache_dir=args.cache_dir,
+        cache_dir=args.cache_dir, teacher_config=cfg,
     )
     out = dictionary.save(Path(args.out)) if args.out else None
     return {"n": dictionary.n, "samples": dictionary.meta.samples, "iterations": dictionary.meta.iterations,

@@ -99,7 +99,7 @@ def test_bad_requests_fail_before_any_actor_starts(ray_local, clustered_pool, tm
         build_dictionary_distributed(folder, 8, teacher="teacher-b")
     with pytest.raises(DictionaryError, match="only 2500 substitution samples"):
         build_dictionary_distributed(folder, 3000, max_train_points=5000)
-    with pytest.raises(DictionaryError, match="penultimate features need the single-process build"):
+    with pytest.raises(DictionaryError, match="pass teacher_config"):
         build_dictionary_distributed(folder, 8, feature="penultimate")
     with pytest.raises(FileNotFoundError, match="no Parquet pool"):
         build_dictionary_distributed(tmp_path / "nothing", 8)
@@ -171,3 +171,38 @@ def test_dfnd_selection_on_ray_data_equals_the_single_process_selection(ray_loca
     source.begin_epoch(1, None)
     assert np.array_equal(np.load(tmp_path / "sel" / "selected_rows.npy"), source.selection.indices.numpy())
     assert read_pool_parquet(tmp_path / "sel").images.equal(source.pool.filled()[0])
+
+
+def test_penultimate_features_on_ray_data_give_the_single_process_dictionary(ray_local, digits_teacher, tmp_path):
+    """kdci.feature = penultimate: a Ray Data pass runs the teacher over the pool files (one features file per
+    pool file), shard actors hold the features; equal to the single-process build on the same images."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from kdci_ray.config import DistillConfig, load_config
+    from kdci_ray.data import load_dataset
+    from kdci_ray.distributed import build_dictionary_distributed
+    from kdci_ray.engine.distill import load_models
+    from kdci_ray.engine.runtime import resolve_runtime
+    from kdci_ray.kdci import build_dictionary, teacher_blocks
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "fast-digits-digits_cnn-digits_cnn_small.yaml"
+    cfg = load_config(config, DistillConfig, [f"teacher.weights={digits_teacher}", "kdci.feature=penultimate", "device=cpu"])
+    models = load_models(cfg, resolve_runtime("cpu"))
+    images = torch.from_numpy(np.ascontiguousarray(load_dataset("digits", None, "train").images[:750])).permute(0, 3, 1, 2).contiguous()
+    folder = tmp_path / "pool"
+    for i, (lo, hi) in enumerate([(0, 300), (300, 500), (500, 750)]):
+        write_pool_parquet(folder / f"part-{i:05d}.parquet", images[lo:hi], torch.zeros(hi - lo, 10), torch.zeros(hi - lo, dtype=torch.long),
+                           {"teacher_id": models.teacher_id})
+    settings = {"seed": 3, "nredo": 2, "niter": 20, "max_train_points": 500, "feature": "penultimate"}
+    blocks = list(teacher_blocks(models.teacher, images.split(128), models.normalize, "penultimate"))
+    single = build_dictionary(blocks, 8, teacher=models.teacher_id, **settings)
+    distributed = build_dictionary_distributed(folder, 8, shards=2, teacher=models.teacher_id, teacher_config=cfg,
+                                               cache_dir=tmp_path / "cache", **settings)
+    assert distributed.meta.feature == "penultimate" and distributed.meta.samples == 750
+    assert "teacher_features" in distributed.meta.extra["seconds"]
+    assert distributed.centroids.shape[1] == blocks[0][0].shape[1]  # the assignment space is the features'
+    for name in ("prototypes", "priors", "centroids"):
+        assert torch.allclose(getattr(distributed, name), getattr(single, name), atol=1e-4), name
+    assert len(list((tmp_path / "cache").glob("features-*/features-*.parquet"))) == 3

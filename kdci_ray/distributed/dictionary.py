@@ -9,17 +9,21 @@ seeds from it on the driver, and a last pass sums every row's teacher logits per
 data -> the same dictionary as the single-process build, up to float64 summation order (tested < 1e-4).
 
 Features: the teacher logits stored in the Parquet rows (what `kdci.feature: logits`, the default,
-uses); the teacher that wrote them is checked against `teacher` when given. Dictionaries are cached
+uses; the teacher that wrote them is checked against `teacher` when given), or for `penultimate` the
+teacher's penultimate features, computed first by a Ray Data pass over the pool files
+(`generate.teacher_features`, cached beside the dictionaries). Dictionaries are cached
 under `cache_dir` by (data files, teacher, N, seed and every k-means setting), so later runs and Tune
 trials reuse them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import operator
+import tempfile
 import time
 from functools import reduce
 from pathlib import Path
@@ -31,26 +35,33 @@ from ..kdci.dictionary import (
     FORMAT_VERSION, ConfounderDictionary, DictionaryError, DictionaryMeta, check_build_args, finish_dictionary, fit_pca, project,
 )
 from ..kdci.kmeans import ClusterStats, cluster_stats, kmeans_plusplus, lloyd, row_keys  # noqa: F401
+from ..config import DistillConfig
+from .generate import teacher_features
 from .session import actor_cpus, ensure_ray, limit_threads_to_cpu_share
 
 log = logging.getLogger(__name__)
 
 
-class DictionaryShard:
-    """One actor's rows: teacher logits of a contiguous run of Parquet files starting at global row `offset`."""
+def _read_matrix(files: list[str], column: str) -> np.ndarray:
+    blocks = []
+    for f in files:
+        values = pq.read_table(f, columns=[column]).column(column).combine_chunks()
+        blocks.append(values.flatten().to_numpy().astype(np.float32).reshape(-1, values.type.list_size))
+    matrix = np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
+    if not np.isfinite(matrix).all():
+        raise DictionaryError(f"non-finite teacher {column} in {files}: the pool is corrupt or the teacher overflowed")
+    return matrix
 
-    def __init__(self, files: list[str], offset: int):
+
+class DictionaryShard:
+    """One actor's rows of a contiguous run of Parquet files starting at global row `offset`: the teacher
+    logits and the assignment features (the logits themselves, or a `features` column)."""
+
+    def __init__(self, files: list[str], offset: int, feature_column: str = "logits"):
         limit_threads_to_cpu_share()
-        blocks = []
-        for f in files:
-            column = pq.read_table(f, columns=["logits"]).column("logits").combine_chunks()
-            width = column.type.list_size
-            blocks.append(column.flatten().to_numpy().astype(np.float32).reshape(-1, width))
-        self.logits = np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
-        if not np.isfinite(self.logits).all():
-            raise DictionaryError(f"non-finite teacher logits in {files}: the pool is corrupt or the teacher overflowed")
+        self.logits = _read_matrix(files, "logits")
+        self.features = self.logits if feature_column == "logits" else _read_matrix(files, feature_column)
         self.offset = offset
-        self.features = self.logits  # kdci.feature = logits
         self.train = self.assigned = None
 
     def size(self) -> int:
@@ -123,15 +134,14 @@ def build_dictionary_distributed(
     dataset: str = "",
     extra: dict | None = None,
     cache_dir: str | Path | None = None,
+    teacher_config: DistillConfig | None = None,
 ) -> ConfounderDictionary:
-    """Build (or reuse from `cache_dir`) the dictionary of a Parquet pool with `shards` actors."""
+    """Build (or reuse from `cache_dir`) the dictionary of a Parquet pool with `shards` actors.
+    `feature="penultimate"` needs `teacher_config` (the run's config: its teacher computes the features)."""
     check_build_args(n, feature, max_train_points, niter, nredo, pca_dim, seed)
     n, seed, niter, nredo, max_train_points = int(n), int(seed), int(niter), int(nredo), int(max_train_points)
-    if feature != "logits":
-        raise DictionaryError(
-            "the distributed build uses the teacher logits stored in the Parquet pool (kdci.feature: logits); "
-            "penultimate features need the single-process build (kdci_ray.kdci.build_dictionary)"
-        )
+    if feature == "penultimate" and teacher_config is None:
+        raise DictionaryError("feature = penultimate: the teacher computes the features; pass teacher_config (the run's config)")
     if shards < 1:
         raise DictionaryError(f"shards must be >= 1, got {shards}")
     files = pool_files(pool)
@@ -158,9 +168,30 @@ def build_dictionary_distributed(
     offsets = [sum(rows[: g[0]]) for g in groups]
     ray = ensure_ray()
     t0 = time.perf_counter()
+    phases: dict[str, float] = {}
+    shard_files, column = files, "logits"
+    with tempfile.TemporaryDirectory() as scratch:
+        if feature == "penultimate":  # one features file per pool file (same rows, same order), cached with the dictionaries
+            where = Path(cache_dir) / f"features-{dictionary_cache_key(files, teacher, 0, 0, kind='penultimate')}" if cache_dir else Path(scratch)
+            shard_files, column = teacher_features(teacher_config, files, where, actors=len(groups)), "features"
+            phases["teacher_features"] = round(time.perf_counter() - t0, 3)
+        dictionary = _build_on_shards(ray, shard_files, groups, offsets, column, total, n, seed, niter, nredo, max_train_points,
+                                      pca_dim, phases, DictionaryMeta(
+                                          n_requested=n, feature=feature, teacher=teacher, dataset=dataset, samples=total, seed=seed,
+                                          niter=int(niter), nredo=int(nredo), pca_dim=pca_dim, extra={**(extra or {}), "shards": len(groups)},
+                                      ))
+    log.info("dictionary: N=%d from %d rows on %d shard actors in %.1f s %s", dictionary.n, total, len(groups), time.perf_counter() - t0, phases)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        dictionary.save(cached)
+    return dictionary
+
+
+def _build_on_shards(ray, files, groups, offsets, column, total, n, seed, niter, nredo, max_train_points, pca_dim, phases, meta):
+    """Sample, k-means++ on the driver, Lloyd with the shards' statistics, final assignment."""
     remote = ray.remote(num_cpus=actor_cpus(len(groups)))(DictionaryShard)
-    actors = [remote.remote([str(files[i]) for i in g], off) for g, off in zip(groups, offsets)]
-    phases, mark = {}, time.perf_counter()
+    actors = [remote.remote([str(files[i]) for i in g], off, column) for g, off in zip(groups, offsets)]
+    mark = time.perf_counter()
 
     def lap(name):  # wall time per phase, for the benchmark and the log
         nonlocal mark
@@ -200,14 +231,7 @@ def build_dictionary_distributed(
     finally:
         for a in actors:
             ray.kill(a)
-    dictionary = finish_dictionary(final, centroids, total, n, matrix, bias, DictionaryMeta(
-        n_requested=n, feature=feature, teacher=teacher, dataset=dataset, samples=total, train_samples=len(train), seed=seed,
-        niter=int(niter), nredo=int(nredo), iterations=iterations, inertia=float(inertia), pca_dim=pca_dim,
-        extra={**(extra or {}), "shards": len(groups), "seconds": phases},
+    return finish_dictionary(final, centroids, total, n, matrix, bias, dataclasses.replace(
+        meta, train_samples=len(train), iterations=iterations, inertia=float(inertia), extra={**meta.extra, "seconds": phases},
     ))
-    log.info("dictionary: N=%d from %d rows on %d shard actors in %.1f s %s", dictionary.n, total, len(groups), time.perf_counter() - t0, phases)
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        dictionary.save(cached)
-    return dictionary
 

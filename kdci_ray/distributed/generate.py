@@ -1,7 +1,8 @@
 """Substitution-data generation on Ray Data: a dataset of synthesis tasks (method, seed, shard) mapped by
 an actor pool; each actor loads the teacher (and a student for the adversarial terms) once and writes
 one Parquet shard per task. DFND's selection runs the same way over row ranges of the wild pool, merged
-exactly (`kdci_ray.synthesis.selection`).
+exactly (`kdci_ray.synthesis.selection`). `teacher_features` runs the teacher over a pool's files the same way
+(penultimate features for the distributed dictionary).
 
 Output folder: `part-<shard>.parquet` files (uint8 image bytes, teacher logits, call, and the columns
 method, seed, shard, config_hash) and `manifest.json` (rows, files, schema, the source config). A folder
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -30,8 +32,9 @@ from ..config import DistillConfig, validate_config
 from ..data import dataset_info
 from ..engine.distill import load_models
 from ..engine.runtime import resolve_runtime
+from ..kdci import teacher_blocks
 from ..synthesis import create_synthesizer, merge_selections, select_top_k
-from ..synthesis.pool import write_pool_parquet
+from ..synthesis.pool import read_pool_parquet, write_pool_parquet
 from ..synthesis.selection import Selection
 from .session import actor_cpus, ensure_ray, limit_threads_to_cpu_share
 
@@ -261,3 +264,50 @@ def select_wild(
         "method": "dfnd", "selected": len(selection), "wild_rows": len(wild), "shards": len(tasks), "seconds": round(time.perf_counter() - t0, 2),
         "workers": sorted({int(r["worker"]) for r in rows}),
     })
+
+
+class FeatureWorker(_Worker):
+    """The teacher's penultimate features (and logits) of Parquet pool files, one output file per input file
+    (rows in the same order), through the same input preparation and precision as the distillation loop."""
+
+    def __call__(self, batch: dict) -> dict:
+        m, runtime = self.models, self.runtime
+
+        def prepare(images: torch.Tensor) -> torch.Tensor:
+            x = m.normalize(images.to(runtime.device))
+            return x.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x
+
+        workers = []
+        for src, dst in zip(batch["src"], batch["dst"]):
+            images = read_pool_parquet(src).images
+            blocks = list(teacher_blocks(m.teacher, images.split(1024), prepare, "penultimate", runtime.autocast))
+            features = np.concatenate([f for f, _ in blocks])
+            logits = np.concatenate([lg for _, lg in blocks])
+            table = pa.table({
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), features.shape[1]),
+                "logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), logits.shape[1]),
+            }).replace_schema_metadata({b"kdci_ray": json.dumps({"teacher_id": m.teacher_id, "source": str(src)}).encode()})
+            tmp = Path(str(dst) + f".{os.getpid()}.tmp")
+            pq.write_table(table, tmp)
+            tmp.replace(dst)
+            workers.append(os.getpid())
+        return {"worker": np.asarray(workers)}
+
+
+def teacher_features(cfg: DistillConfig, files: list[Path], out: str | Path, actors: int = 2,
+                     gpus_per_actor: float | None = None, cpus_per_actor: float | None = None) -> list[Path]:
+    """Ray Data over the pool files on an actor pool (the teacher loaded once per actor): one
+    `features-<i>.parquet` per input file in `out` (kept: a finished file is not recomputed)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    targets = [out / f"features-{i:05d}.parquet" for i in range(len(files))]
+    tasks = [{"src": str(f), "dst": str(t)} for f, t in zip(files, targets) if not t.is_file()]
+    if tasks:
+        ray = ensure_ray()
+        resources, actors = _resources(ray, actors, gpus_per_actor, cpus_per_actor)
+        t0 = time.perf_counter()
+        ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+        ds.map_batches(FeatureWorker, fn_constructor_args=(cfg.model_dump(mode="json"),), batch_size=1,
+                       compute=_pool(ray, min(actors, len(tasks))), **resources).take_all()
+        log.info("teacher features: %d files in %.1f s", len(tasks), time.perf_counter() - t0)
+    return targets

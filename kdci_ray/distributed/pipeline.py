@@ -71,7 +71,7 @@ def run_pipeline(
         dictionary = build_dictionary_distributed(
             pool, k.n, seed=cfg.seed, niter=k.niter, nredo=k.nredo, feature=k.feature, pca_dim=k.pca_dim,
             max_train_points=k.max_train_points, shards=dictionary_shards, teacher=teacher_id, dataset=cfg.data.dataset,
-            cache_dir=storage / "dictionaries",
+            cache_dir=storage / "dictionaries", teacher_config=cfg,
         )
         dictionary_path = dictionary.save(folder / "dictionary.safetensors")
         seconds["dictionary"] = round(time.perf_counter() - t0, 2)
