@@ -61,7 +61,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, DistillConfig, args.set)
     if cfg.synthesis is None and cfg.pool is None:
         raise ValueError(f"{args.config} has no `synthesis:` section and no `pool:`; name a DFKD method (see configs/<method>-*.yaml) or a Parquet pool")
-    result = distill_from_config(cfg)
+    run_id = None
+    if args.no_track:
+        result = distill_from_config(cfg)
+    else:
+        from .tracking import distill_tracked
+
+        result, run = distill_tracked(cfg, experiment=args.experiment, uri=args.tracking_uri)
+        run_id = run.run_id
     final = result.final
     summary = {
         "run_dir": str(result.run_dir), "method": cfg.synthesis.method if cfg.pool is None else f"pool:{cfg.pool}", "kdci": cfg.kdci.enabled, "epochs": result.epoch,
@@ -69,8 +76,26 @@ def cmd_distill(args: argparse.Namespace) -> int:
     }
     if cfg.kdci.enabled:
         summary["test_top1_compensated"] = final.get("test_top1_compensated")
+    if run_id is not None:
+        summary["mlflow_run_id"] = run_id
     print(json.dumps(summary))
     return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """The MLflow UI on this machine's loopback, on the same store the runs were written to."""
+    import os
+    import subprocess
+
+    from .tracking.store import artifact_location, tracking_uri
+
+    uri = tracking_uri(args.tracking_uri)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    artifacts = artifact_location(uri)
+    if artifacts:
+        cmd += ["--default-artifact-root", artifacts]
+    print(f"MLflow UI: http://{args.host}:{args.port}  (store {uri}; Ctrl-C stops it)", file=sys.stderr, flush=True)
+    return subprocess.call(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     di.add_argument("--config", required=True, help="YAML config (see configs/<method>-<dataset>-<teacher>-<student>.yaml)")
     di.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. kdci.enabled=false")
+    di.add_argument("--no-track", action="store_true", help="no MLflow run (default: one run in the embedded store or --tracking-uri)")
+    di.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite under runs/mlflow)")
+    di.add_argument("--experiment", default="kdci", help="MLflow experiment name")
     di.set_defaults(func=cmd_distill)
+
+    ui = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1 against the runs' store")
+    ui.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite under runs/mlflow)")
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
     return parser
 
 

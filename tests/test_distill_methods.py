@@ -123,7 +123,7 @@ def test_kdci_n_larger_than_the_first_pool_is_refused_before_synthesis(digits_te
 
 
 def test_cli_distill_runs_exports_and_does_not_redo_a_finished_run(digits_teacher, tmp_path, capsys):
-    args = ["-q", "distill", "--config", str(REPO / "configs" / "dafl-digits-digits_cnn-digits_cnn_small.yaml"),
+    args = ["-q", "distill", "--no-track", "--config", str(REPO / "configs" / "dafl-digits-digits_cnn-digits_cnn_small.yaml"),
             "--set", f"teacher.weights={digits_teacher}", "--set", f"output.dir={tmp_path}", "--set", "optim.epochs=2",
             "--set", "synthesis.calls_per_epoch=2", "--set", "synthesis.export_pool=true", "--set", "kdci.enabled=false"]
     assert main(args) == 0
@@ -167,7 +167,7 @@ def test_committed_cifar10_configs_run_at_smoke_size(method, pair, shared_dir, t
         tiny["synthesis.dictionary_samples"] = 32
     if method == "cmi":
         tiny.update({"synthesis.bank_size": 64, "synthesis.n_negatives": 16})
-    args = ["-q", "distill", "--config", str(REPO / "configs" / f"{method}-cifar10-{pair}.yaml")]
+    args = ["-q", "distill", "--no-track", "--config", str(REPO / "configs" / f"{method}-cifar10-{pair}.yaml")]
     for key, value in tiny.items():
         args += ["--set", f"{key}={value}"]
     assert main(args) == 0

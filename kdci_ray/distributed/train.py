@@ -244,7 +244,7 @@ def distill_on_ray(
                 f"pool = {cfg.pool}: {rows} rows over {num_workers} workers is {rows_per_worker} each, fewer than "
                 f"optim.batch_size = {cfg.optim.batch_size}; lower the batch size or the workers"
             )
-        datasets["train"] = ray.data.read_parquet([str(f) for f in files], columns=["image"])
+        datasets["train"] = ray.data.read_parquet([str(f) for f in files]).select_columns(["image"])
     run_dir = storage / cfg.name / OUTPUTS
     trainer = TorchTrainer(
         _train_worker,

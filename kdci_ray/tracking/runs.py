@@ -1,0 +1,104 @@
+"""A distillation run recorded in MLflow: params (the flattened config), per-epoch metrics from the loop,
+and at the end the config YAML, the student (safetensors + card, and as an MLflow model), the dictionary,
+metrics.json and figures (substitution images, class proportions against the original balance)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import DistillConfig
+from ..data import dataset_info, load_dataset
+from ..engine.distill import DistillResult, distill, load_models, make_source
+from ..engine.runtime import resolve_runtime
+from ..models import load_classifier
+from . import plots
+from .logger import MlflowRunLogger
+
+log = logging.getLogger(__name__)
+DEFAULT_EXPERIMENT = "kdci"
+
+
+def distill_tracked(
+    cfg: DistillConfig, *, experiment: str = DEFAULT_EXPERIMENT, uri: str | None = None, parent: MlflowRunLogger | None = None,
+    source=None,
+) -> tuple[DistillResult, MlflowRunLogger]:
+    """`distill(cfg)` as one MLflow run (a child of `parent` when given); returns the result and the run."""
+    source = source if source is not None else make_source(cfg)
+    method = cfg.synthesis.method if cfg.synthesis is not None else "pool"
+    tags = {"method": method, "kdci": str(cfg.kdci.enabled).lower(), "teacher": cfg.teacher.arch, "student": cfg.student.arch}
+    with MlflowRunLogger.start(experiment, cfg.name, uri=uri, parent=parent, tags=tags) as run:
+        run.log_config(cfg)
+        result = distill(cfg, source, run)
+        log_outputs(run, cfg, result, source)
+    return result, run
+
+
+def log_outputs(run: MlflowRunLogger, cfg: DistillConfig, result: DistillResult, source=None) -> None:
+    """The finished run's files and figures as artifacts of `run`."""
+    run_dir = result.run_dir
+    for name, folder in (("config.yaml", None), ("metrics.json", None), ("dictionary.safetensors", "dictionary"),
+                         ("student.safetensors", "student"), ("student.json", "student")):
+        if (run_dir / name).is_file():
+            run.log_artifact(run_dir / name, folder)
+    if result.student_weights is not None:
+        info = dataset_info(cfg.data.dataset)
+        _log_model(run, result.student_weights, (info.channels, info.image_size, info.image_size))
+    if source is not None and hasattr(source, "dictionary_images"):
+        with tempfile.TemporaryDirectory() as tmp:
+            for figure in substitution_figures(cfg, source, Path(tmp)):
+                run.log_artifact(figure, "figures")
+
+
+def _log_model(run: MlflowRunLogger, weights: Path, image_shape: tuple[int, int, int]) -> None:
+    """The student as an MLflow (pytorch) model, loadable with mlflow.pytorch.load_model (exported with
+    torch.export from an example batch of normalised images, not pickled)."""
+    import mlflow
+
+    student, _ = load_classifier(weights)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(run.client.tracking_uri)
+    try:
+        with mlflow.start_run(run_id=run.run_id):
+            # Requirements named, not inferred (inference imports and inspects the whole environment: slow).
+            mlflow.pytorch.log_model(
+                student.cpu().eval(), name="student_model", input_example=np.zeros((1, *image_shape), dtype=np.float32),
+                pip_requirements=["torch", "torchvision", "kdci-ray"],
+            )
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+@torch.no_grad()
+def substitution_figures(cfg: DistillConfig, source, folder: Path, max_images: int = 4096) -> list[Path]:
+    """A grid of substitution images and their class proportions (teacher argmax) against the original
+    data's labelled test split."""
+    runtime = resolve_runtime("cpu")
+    models = load_models(cfg, runtime)
+    images, counts = [], np.zeros(models.num_classes, dtype=np.int64)
+    seen = 0
+    for batch in source.dictionary_images(1024):
+        batch = batch.cpu()
+        if batch.dtype != torch.uint8:
+            batch = (batch.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        if not images:
+            images.append(batch[:64])
+        logits = models.teacher(models.normalize(batch))
+        counts += np.bincount(logits.argmax(1).numpy(), minlength=models.num_classes)
+        seen += len(batch)
+        if seen >= max_images:
+            break
+    if not images:
+        return []
+    info = dataset_info(cfg.data.dataset)
+    test = load_dataset(cfg.data.dataset, cfg.data.root, cfg.data.test_split or info.eval_split, cfg.data.download, cfg.data.limit)
+    labels = test.labels if getattr(test, "labels", None) is not None else [label for _, label in test.samples]  # array or files
+    original = np.bincount(np.asarray(labels, dtype=np.int64), minlength=models.num_classes)
+    return [
+        plots.image_grid(torch.cat(images), folder / "substitution_images.png"),
+        plots.class_proportions(counts, original, folder / "class_proportions.png", getattr(info, "classes", None)),
+    ]

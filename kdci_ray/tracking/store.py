@@ -1,0 +1,61 @@
+"""Where MLflow runs go: any tracking URI from the config or MLFLOW_TRACKING_URI, else an embedded local
+store — a sqlite database in `runs/mlflow/mlflow.db` with artifacts beside it in `runs/mlflow/artifacts/`
+(MLflow 3 refuses the old file store). `kdci-ray ui` serves the same store on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_DIR = Path("runs") / "mlflow"
+
+
+def default_uri(root: Path | None = None) -> str:
+    root = (root or DEFAULT_DIR).resolve()
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """The store to use: `uri`, else $MLFLOW_TRACKING_URI, else the embedded sqlite store (created on use)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
+    return default_uri()
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a local sqlite store live beside its database (not in ./mlartifacts of whatever the
+    working directory is); remote stores keep their server's default."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def client(uri: str | None = None):
+    """An `MlflowClient` on the resolved store (no global MLflow state: several runs per process, and Ray
+    workers, each hold their own)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri(uri))
+
+
+def experiment_id(mlflow_client, name: str) -> str:
+    """The experiment called `name`, created on first use (artifacts beside a local store)."""
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return mlflow_client.create_experiment(name, artifact_location=artifact_location(mlflow_client.tracking_uri))
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}: a config as MLflow params (values as strings, None as "null")."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = "null" if value is None else str(value)
+    return flat

@@ -1,0 +1,112 @@
+"""MLflow tracking on a real sqlite store (per-session, see conftest): a tracked distillation run's params,
+per-epoch metrics, artifacts and figures read back through MLflow's client; parent/child runs; the UI
+serving the runs on 127.0.0.1."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdci_ray.config import DistillConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_tracked_distillation_run_logs_params_metrics_and_artifacts(digits_teacher, tmp_path):
+    from kdci_ray.tracking import MlflowRunLogger, distill_tracked, tracking_uri
+    from kdci_ray.tracking.store import client
+
+    cfg = load_config(REPO / "configs" / "dfnd-digits-digits_cnn-digits_cnn_small.yaml", DistillConfig, [
+        f"teacher.weights={digits_teacher}", f"output.dir={tmp_path}", "optim.epochs=2", "name=tracked",
+    ])
+    with MlflowRunLogger.start("kdci-test", "parent") as parent:
+        result, run = distill_tracked(cfg, experiment="kdci-test", parent=parent)
+    assert result.finished and tracking_uri() == os.environ["MLFLOW_TRACKING_URI"]
+    mlflow = client()
+    record = mlflow.get_run(run.run_id)
+    assert record.info.status == "FINISHED" and record.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert record.data.params["kdci.n"] == str(cfg.kdci.n) and record.data.params["synthesis.method"] == "dfnd"
+    assert record.data.tags["kdci"] == "true"
+    history = mlflow.get_metric_history(run.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2]
+    assert {"test_top1", "test_top1_compensated", "attention_entropy", "images_per_s", "train_kd"} <= set(record.data.metrics)
+    assert record.data.metrics["test_top1"] == pytest.approx(result.final["test_top1"])
+
+    def listing(path=None):
+        return {a.path for a in mlflow.list_artifacts(run.run_id, path)}
+
+    assert {"config.yaml", "metrics.json", "student", "dictionary", "figures"} <= listing()
+    assert {"student/student.safetensors", "student/student.json"} <= listing("student")
+    assert {"figures/substitution_images.png", "figures/class_proportions.png"} <= listing("figures")
+    # The student as an MLflow model (MLflow 3: a logged model linked to the run).
+    models = mlflow.search_logged_models(experiment_ids=[record.info.experiment_id])
+    assert [m.name for m in models if m.source_run_id == run.run_id] == ["student_model"]
+    # Artifacts live beside the sqlite store, not in the working directory.
+    store_dir = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")).parent
+    assert list(store_dir.glob(f"artifacts/{run.run_id}/artifacts/figures/class_proportions.png"))
+
+
+def test_plots_write_images(tmp_path):
+    from kdci_ray.tracking import plots
+
+    g = np.random.default_rng(0)
+    paths = [
+        plots.image_grid(torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8), tmp_path / "grid.png"),
+        plots.class_proportions([5, 1, 0, 4], [1, 1, 1, 1], tmp_path / "classes.png"),
+        plots.metric_vs_n([{"n": n, "alpha": a, "test_top1": 80 + n / 10 + a} for n in (8, 16, 32) for a in (0.5, 1.0)], tmp_path / "n.png"),
+        plots.tsne({"raw": g.normal(size=(60, 5)), "kdci": g.normal(size=(60, 5))}, np.arange(60) % 3, tmp_path / "tsne.png"),
+    ]
+    from PIL import Image
+
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.size[0] > 50 and image.size[1] > 50
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_runs_on_localhost(tmp_path):
+    from kdci_ray.tracking import MlflowRunLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with MlflowRunLogger.start("kdci-ui", "shown", uri=uri) as run:
+        run.log_metrics({"test_top1": 91.5}, step=1)
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    server = subprocess.Popen([sys.executable, "-m", "kdci_ray.cli", "ui", "--port", str(port)], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline, body = time.time() + 120, None
+        while time.time() < deadline and body is None:
+            try:
+                with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=kdci-ui", timeout=5) as r:
+                    body = json.loads(r.read())
+            except OSError:
+                if server.poll() is not None:
+                    pytest.fail(server.stdout.read()[-3000:])
+                time.sleep(1)
+        assert body is not None, "the UI did not answer"
+        experiment = body["experiment"]["experiment_id"]
+        request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=json.dumps({"experiment_ids": [experiment]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            runs = json.loads(r.read())["runs"]
+        assert [r["info"]["run_name"] for r in runs] == ["shown"]
+        with urllib.request.urlopen(base + "/", timeout=10) as r:  # the UI page itself
+            assert r.status == 200 and b"<html" in r.read().lower()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
