@@ -103,10 +103,20 @@ class ShardSource:
 
 class _TrainReporter:
     """The core loop's `RunLogger` inside a Ray Train worker: each epoch every worker reports, rank 0 with
-    its checkpoint file (hard-linked into a temporary folder Ray copies into storage)."""
+    its checkpoint file (hard-linked into a temporary folder Ray copies into storage); rank 0's metrics also
+    go to an MLflow run when one is given."""
+
+    def __init__(self, mlflow_run: dict | None = None):
+        self.mlflow = None
+        if mlflow_run is not None:
+            from ..tracking.logger import MlflowRunLogger
+            from ..tracking.store import client
+
+            self.mlflow = MlflowRunLogger(client(mlflow_run["uri"]), mlflow_run["run_id"])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        pass  # reported with the checkpoint below, once per epoch
+        if self.mlflow is not None:  # the loop calls this on rank 0 only
+            self.mlflow.log_metrics(metrics, step)
 
     def log_artifact(self, path: Path) -> None:
         pass
@@ -148,13 +158,14 @@ def _train_worker(config: dict) -> None:
         for leftover in run_dir.glob(".report-*"):
             shutil.rmtree(leftover, ignore_errors=True)
     checkpoint = ray.train.get_checkpoint()
+    reporter = _TrainReporter(config.get("mlflow_run"))
     t0 = time.time()
     if checkpoint is None:
-        result = distill(cfg, source, _TrainReporter(), run_dir=run_dir, resume_from=None, managed=True)
+        result = distill(cfg, source, reporter, run_dir=run_dir, resume_from=None, managed=True)
     else:
         with checkpoint.as_directory() as folder:
             log.info("rank %d: resuming from %s", rank, checkpoint.path)
-            result = distill(cfg, source, _TrainReporter(), run_dir=run_dir, resume_from=Path(folder) / "checkpoint.pt", managed=True)
+            result = distill(cfg, source, reporter, run_dir=run_dir, resume_from=Path(folder) / "checkpoint.pt", managed=True)
     if rank == 0:  # one line per completed attempt: where it started, so restarts are visible afterwards
         with open(run_dir / ATTEMPTS, "a") as f:
             f.write(json.dumps({"started": t0, "ended": time.time(), "resumed_from": result.resumed_from, "epoch": result.epoch}) + "\n")
@@ -212,12 +223,15 @@ def distill_on_ray(
     max_failures: int = 2,
     keep_checkpoints: int = 2,
     address: str | None = None,
+    callbacks: list | None = None,
+    mlflow_run: dict | None = None,
 ) -> RayDistillResult:
     """Run `cfg` as a Ray Train job of `num_workers` DDP workers; submitting the same (storage_path, name)
     again resumes it (a finished run returns its results without training).
 
     `use_gpu` None: GPUs when the cluster has any. `cpus_per_worker` None: one GPU worker takes 1 CPU; CPU
-    workers share the CPUs leaving one free for Ray Data's reading.
+    workers share the CPUs leaving one free for Ray Data's reading. `callbacks`: Ray Train user callbacks
+    (Tune's TuneReportCallback in a sweep); `mlflow_run`: {"uri", "run_id"} that rank 0 logs its epochs to.
     """
     if num_workers < 1:
         raise ValueError(f"num_workers = {num_workers}: need at least 1")
@@ -250,13 +264,14 @@ def distill_on_ray(
         _train_worker,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "use_gpu": use_gpu,
-            "rows_per_worker": rows_per_worker, "image_shape": image_shape,
+            "rows_per_worker": rows_per_worker, "image_shape": image_shape, "mlflow_run": mlflow_run,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            callbacks=callbacks,
         ),
         datasets=datasets or None,
     )

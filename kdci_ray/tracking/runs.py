@@ -38,13 +38,17 @@ def distill_tracked(
     return result, run
 
 
-def log_outputs(run: MlflowRunLogger, cfg: DistillConfig, result: DistillResult, source=None) -> None:
-    """The finished run's files and figures as artifacts of `run`."""
-    run_dir = result.run_dir
+def log_run_files(run: MlflowRunLogger, run_dir: Path) -> None:
+    """A finished run directory's config, metrics, dictionary and student (weights + card) as artifacts."""
     for name, folder in (("config.yaml", None), ("metrics.json", None), ("dictionary.safetensors", "dictionary"),
                          ("student.safetensors", "student"), ("student.json", "student")):
         if (run_dir / name).is_file():
             run.log_artifact(run_dir / name, folder)
+
+
+def log_outputs(run: MlflowRunLogger, cfg: DistillConfig, result: DistillResult, source=None) -> None:
+    """The finished run's files, the student as an MLflow model, and figures as artifacts of `run`."""
+    log_run_files(run, result.run_dir)
     if result.student_weights is not None:
         info = dataset_info(cfg.data.dataset)
         _log_model(run, result.student_weights, (info.channels, info.image_size, info.image_size))

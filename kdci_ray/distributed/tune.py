@@ -1,0 +1,215 @@
+"""Ray Tune over a distillation config: the search space is overrides of the config (dotted keys such as
+`kdci.n`, `kdci.alpha`, `kdci.hidden`, `kd.temperature`, `kdci.uniform_attention`), every trial a Ray
+Train distillation (a function trainable that calls `TorchTrainer.fit()` and reports each epoch through
+Tune's `TuneReportCallback`), ASHA stopping on the per-epoch rank-0 metric, one MLflow parent run per
+sweep and a child run per trial.
+
+Spaces: `{"kdci.n": [8, 16], "kdci.alpha": [0.5, 1.0]}` is a grid (search="grid") or the values to draw
+from (search="random" / "optuna"); `{"kdci.alpha": {"uniform": [0.1, 2.0]}}` (or loguniform) is continuous.
+Every value is validated against the config before any trial starts. Trials of one sweep share cached
+dictionaries only where their data is the same (fixed pools); a sweep killed mid-way resumes from its
+storage folder: finished trials are kept, unfinished ones continue from their Train checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import DistillConfig, apply_overrides, validate_config, with_absolute_paths
+from .session import ensure_ray
+from .train import distill_on_ray, resolve_storage
+
+log = logging.getLogger(__name__)
+_TRIAL_CPU = 0.01
+
+
+def _override_list(overrides: dict[str, Any]) -> list[str]:
+    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+
+
+def check_space(cfg: DistillConfig, space: dict[str, Any]) -> None:
+    """Every candidate value (or both ends of a range) must make a valid config: errors name the key."""
+    if not space:
+        raise ValueError("the search space is empty: give at least one key, e.g. kdci.n=[8,16]")
+    base = cfg.model_dump(mode="json")
+    for key, spec in space.items():
+        if isinstance(spec, dict):
+            if len(spec) != 1 or next(iter(spec)) not in ("uniform", "loguniform") or len(next(iter(spec.values()))) != 2:
+                raise ValueError(f"search space {key}: a range is {{uniform: [low, high]}} or {{loguniform: [low, high]}}, got {spec}")
+            values = next(iter(spec.values()))
+        elif isinstance(spec, list) and spec:
+            values = spec
+        else:
+            raise ValueError(f"search space {key}: give a non-empty list of values or a range, got {spec!r}")
+        for value in values:
+            validate_config(DistillConfig, apply_overrides(copy.deepcopy(base), _override_list({key: value})), f"search space {key}={value!r}")
+
+
+def _domains(space: dict[str, Any], search: str) -> dict[str, Any]:
+    from ray import tune
+
+    out = {}
+    for key, spec in space.items():
+        if isinstance(spec, dict):
+            kind, (low, high) = next(iter(spec.items()))
+            out[key] = tune.uniform(low, high) if kind == "uniform" else tune.loguniform(low, high)
+        else:
+            out[key] = tune.grid_search(spec) if search == "grid" else tune.choice(spec)
+    return out
+
+
+def _trial(config: dict, base: dict, parent: dict, settings: dict) -> None:
+    """One trial: the base config with this trial's overrides, distilled on Ray Train; its epochs reach Tune
+    through TuneReportCallback and MLflow through a child run of the sweep's parent run."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ..tracking.logger import MlflowRunLogger
+    from ..tracking.runs import log_run_files
+    from ..tracking.store import client
+
+    overrides = dict(config)
+    raw = apply_overrides(copy.deepcopy(base), _override_list(overrides))
+    trial_id = tune.get_context().get_trial_id()
+    raw["name"] = f"{raw['name']}-{trial_id}"
+    cfg = validate_config(DistillConfig, raw, f"trial {trial_id}")
+    mlflow_client = client(parent["uri"])
+    child = _find_run(mlflow_client, parent["experiment_id"], {"kdci.trial_id": trial_id})
+    if child is None:
+        child = MlflowRunLogger.start(parent["experiment"], cfg.name, uri=parent["uri"], parent=MlflowRunLogger(mlflow_client, parent["run_id"]),
+                                      tags={"kdci.trial_id": trial_id, **{f"trial.{k}": str(v) for k, v in overrides.items()}})
+        child.log_config(cfg)
+    try:
+        result = distill_on_ray(
+            cfg, num_workers=settings["workers"], use_gpu=settings["use_gpu"], cpus_per_worker=settings["cpus_per_worker"],
+            storage_path=settings["storage"], max_failures=0, callbacks=[TuneReportCallback()],
+            mlflow_run={"uri": parent["uri"], "run_id": child.run_id},
+        )
+    except BaseException:
+        child.end("KILLED")  # ASHA stopping a trial, or an error: the run stays, marked as not finished
+        raise
+    log_run_files(child, result.run_dir)
+    child.end()
+
+
+def _find_run(mlflow_client, experiment_id: str, tags: dict[str, str]):
+    from ..tracking.logger import MlflowRunLogger
+
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = mlflow_client.search_runs([experiment_id], filter_string=query, max_results=1)
+    return MlflowRunLogger(mlflow_client, runs[0].info.run_id) if runs else None
+
+
+def sweep(
+    cfg: DistillConfig,
+    space: dict[str, Any],
+    *,
+    search: str = "grid",
+    num_samples: int = 1,
+    scheduler: str = "asha",
+    metric: str = "test_top1",
+    mode: str = "max",
+    grace_period: int = 1,
+    max_concurrent_trials: int | None = None,
+    workers_per_trial: int = 1,
+    cpus_per_worker: float | None = None,
+    use_gpu: bool | None = None,
+    storage_path: str | Path | None = None,
+    name: str | None = None,
+    experiment: str = "kdci",
+    tracking_uri: str | None = None,
+    address: str | None = None,
+) -> dict:
+    """Run the sweep (or resume it from `<storage>/<name>`); returns one row per trial and the best."""
+    from ..tracking import plots
+    from ..tracking.logger import MlflowRunLogger
+    from ..tracking.store import client, experiment_id, tracking_uri as resolve_uri
+
+    if search not in ("grid", "random", "optuna"):
+        raise ValueError(f"search = {search!r}: use grid, random or optuna")
+    if scheduler not in ("asha", "fifo"):
+        raise ValueError(f"scheduler = {scheduler!r}: use asha or fifo")
+    if cfg.eval_every != 1 and scheduler == "asha":
+        raise ValueError("ASHA compares trials on the per-epoch metric: set eval_every: 1")
+    cfg = with_absolute_paths(cfg)
+    check_space(cfg, space)
+    storage = resolve_storage(storage_path)
+    name = name or f"{cfg.name}-sweep"
+    uri = resolve_uri(tracking_uri)
+    if uri.startswith("sqlite:///"):
+        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"  # trial processes run elsewhere
+    ray = ensure_ray(address)
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if use_gpu is None:
+        use_gpu = float(ray.cluster_resources().get("GPU", 0)) > 0
+    concurrent = max_concurrent_trials or 2
+    if cpus_per_worker is None and not use_gpu:
+        # CPU trials share the machine: `concurrent` trials fit at once, with one CPU of slack — a finished
+        # trial's Train actors release their resources asynchronously, and a next trial that needs every CPU
+        # waits for them (Train retries its worker-group start without end, as for an autoscaling cluster).
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        cpus_per_worker = max(0.05, (cpus - 1 - _TRIAL_CPU * concurrent) / (concurrent * workers_per_trial))
+    mlflow_client = client(uri)
+    exp_id = experiment_id(mlflow_client, experiment)
+    parent = _find_run(mlflow_client, exp_id, {"kdci.sweep": str(storage / name)})
+    if parent is None:
+        parent = MlflowRunLogger.start(experiment, name, uri=uri, tags={"kdci.sweep": str(storage / name), "kdci.space": json.dumps(space)})
+        parent.log_config(cfg)
+    settings = {"workers": workers_per_trial, "use_gpu": use_gpu, "cpus_per_worker": cpus_per_worker, "storage": str(storage / name / "trials")}
+    # What every trial shares goes in as parameters (not in the search space: it is not searched, not shown).
+    trainable = tune.with_parameters(
+        _trial, base=cfg.model_dump(mode="json"), settings=settings,
+        parent={"uri": uri, "run_id": parent.run_id, "experiment": experiment, "experiment_id": exp_id},
+    )
+    # The trial function only waits on its TorchTrainer: it holds a sliver of a CPU, the Train workers the rest.
+    trainable = tune.with_resources(trainable, {"CPU": _TRIAL_CPU})
+    param_space = _domains(space, search)
+    path = storage / name
+    if tune.Tuner.can_restore(str(path)):
+        log.info("tune: resuming %s", path)
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True, param_space=param_space)
+    else:
+        search_alg = None
+        if search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch()
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=mode, num_samples=num_samples, search_alg=search_alg, max_concurrent_trials=max_concurrent_trials,
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs, grace_period=grace_period, reduction_factor=2)
+                if scheduler == "asha" else FIFOScheduler(),
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage)),
+        )
+    t0 = time.perf_counter()
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        overrides = dict(result.config or {})
+        metrics = result.metrics or {}
+        rows.append({**overrides, "trial_id": metrics.get("trial_id"), "epochs": metrics.get("epoch"), metric: metrics.get(metric),
+                     "test_top1_compensated": metrics.get("test_top1_compensated"), "error": None if result.error is None else str(result.error)})
+    finished = [r for r in rows if r.get(metric) is not None]
+    best = (max if mode == "max" else min)(finished, key=lambda r: r[metric]) if finished else None
+    summary = {"name": name, "storage": str(path), "mlflow_parent_run_id": parent.run_id, "trials": rows, "best": best,
+               "seconds": round(time.perf_counter() - t0, 1)}
+    report = path / "sweep.json"
+    report.write_text(json.dumps(summary, indent=1, default=str))
+    parent.log_artifact(report)
+    if "kdci.n" in space and finished:
+        group = "kdci.alpha" if "kdci.alpha" in space else None
+        plot_rows = [{"n": r["kdci.n"], "group": r.get(group) if group else "all", metric: r[metric]} for r in finished]
+        parent.log_artifact(plots.metric_vs_n(plot_rows, path / "top1_vs_n.png", metric=metric, group="group"), "figures")
+    if best is not None:
+        parent.log_metrics({f"best_{metric}": float(best[metric])}, step=0)
+    parent.end()
+    return summary

@@ -1,0 +1,85 @@
+"""Ray Tune sweeps of Ray Train distillation trials on a real local Ray (2 CPUs) with a real sqlite MLflow
+store: one parent run and a child run per trial (params, per-epoch metrics, artifacts, read back through
+MLflow's client); ASHA stopping a trial that cannot learn; bad search spaces refused before any trial."""
+
+import faiss  # noqa: F401  (before torch)
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kdci_ray.config import DistillConfig, load_config
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from kdci_ray.distributed import ensure_ray
+
+    ray = ensure_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+def dfnd_config(teacher, name, *overrides):
+    return load_config(CONFIGS / "dfnd-digits-digits_cnn-digits_cnn_small.yaml", DistillConfig, [
+        f"teacher.weights={teacher}", f"name={name}", "synthesis.num_select=600", "kdci.n=16", *overrides,
+    ])
+
+
+def test_a_two_trial_sweep_makes_one_parent_and_two_child_runs(ray_local, digits_teacher, tmp_path):
+    from kdci_ray.distributed.tune import sweep
+    from kdci_ray.tracking.store import client
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = dfnd_config(digits_teacher, "sweep2", "optim.epochs=2")
+    out = sweep(cfg, {"kdci.n": [8, 16]}, scheduler="fifo", max_concurrent_trials=2, storage_path=tmp_path / "ray",
+                experiment="sweeps", tracking_uri=uri)
+    assert sorted(r["kdci.n"] for r in out["trials"]) == [8, 16] and all(r["epochs"] == 2 and r["error"] is None for r in out["trials"])
+    assert out["best"]["test_top1"] == max(r["test_top1"] for r in out["trials"])
+    mlflow = client(uri)
+    experiment = mlflow.get_experiment_by_name("sweeps").experiment_id
+    runs = mlflow.search_runs([experiment])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == out["mlflow_parent_run_id"]]
+    assert [p.info.run_id for p in parents] == [out["mlflow_parent_run_id"]] and len(children) == 2
+    assert sorted(c.data.params["kdci.n"] for c in children) == ["16", "8"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert [m.step for m in mlflow.get_metric_history(child.info.run_id, "train_loss")] == [1, 2]
+        assert {"test_top1", "test_top1_compensated", "attention_entropy", "images_per_s"} <= set(child.data.metrics)
+        names = {a.path for a in mlflow.list_artifacts(child.info.run_id)}
+        assert {"config.yaml", "metrics.json", "student", "dictionary"} <= names
+    parent_files = {a.path for a in mlflow.list_artifacts(out["mlflow_parent_run_id"])} | {
+        a.path for a in mlflow.list_artifacts(out["mlflow_parent_run_id"], "figures")}
+    assert {"sweep.json", "figures/top1_vs_n.png"} <= parent_files
+    assert json.loads((Path(out["storage"]) / "sweep.json").read_text())["best"] == out["best"]
+
+
+def test_asha_stops_a_trial_that_cannot_learn(ray_local, digits_teacher, tmp_path):
+    from kdci_ray.distributed.tune import sweep
+
+    cfg = dfnd_config(digits_teacher, "asha", "optim.epochs=4", "optim.warmup_epochs=0", "synthesis.num_select=2000")
+    # One trial at a time, the good one first: the bad one meets the good one's epoch-1 score at ASHA's first rung.
+    out = sweep(cfg, {"optim.lr": [0.05, 1.0e-7]}, scheduler="asha", grace_period=1, max_concurrent_trials=1,
+                storage_path=tmp_path / "ray", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    by_lr = {r["optim.lr"]: r for r in out["trials"]}
+    assert by_lr[0.05]["epochs"] == 4
+    assert by_lr[1.0e-7]["epochs"] < 4  # stopped early
+    assert by_lr[1.0e-7]["test_top1"] < by_lr[0.05]["test_top1"]
+
+
+def test_bad_search_spaces_fail_before_any_trial(digits_teacher, tmp_path):
+    from kdci_ray.distributed.tune import check_space
+
+    cfg = dfnd_config(digits_teacher, "bad")
+    with pytest.raises(ValueError, match="kdci.n=0"):
+        check_space(cfg, {"kdci.n": [8, 0]})
+    with pytest.raises(ValueError, match="kdci.nope"):
+        check_space(cfg, {"kdci.nope": [1]})
+    with pytest.raises(ValueError, match="uniform"):
+        check_space(cfg, {"kdci.alpha": {"normal": [0, 1]}})
+    check_space(cfg, {"kdci.alpha": {"uniform": [0.1, 2.0]}, "kdci.uniform_attention": [True, False]})
