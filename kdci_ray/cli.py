@@ -98,6 +98,35 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
 
 
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    """The sweep options shared by `kdci-ray tune` and jobs/tune.py."""
+    p.add_argument("--space", action="append", default=[], metavar="KEY=VALUES",
+                   help="a searched config key: kdci.n=[16,64] (values) or kdci.alpha={uniform: [0.1, 2]} (range); repeatable")
+    p.add_argument("--search", default="grid", choices=["grid", "random", "optuna"])
+    p.add_argument("--samples", type=int, default=1, help="trials per grid point (grid) or in all (random/optuna)")
+    p.add_argument("--scheduler", default="asha", choices=["asha", "fifo"], help="asha: stop poor trials early on the per-epoch metric")
+    p.add_argument("--metric", default="test_top1")
+    p.add_argument("--mode", default="max", choices=["max", "min"])
+    p.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial")
+    p.add_argument("--max-concurrent", type=int, default=2, help="trials at once")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train DDP workers per trial")
+    p.add_argument("--gpus-per-worker", type=float, help="fractional GPUs let several small trials share one GPU (e.g. 0.25)")
+    p.add_argument("--storage", help="sweep storage (default: $KDCI_STORAGE/ray, else runs/ray)")
+    p.add_argument("--name", help="sweep name (default: <config name>-sweep); the same name resumes")
+    p.add_argument("--experiment", default="kdci", help="MLflow experiment")
+    p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite under runs/mlflow)")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .config import DistillConfig, load_config
+    from .distributed.tune import sweep_from_args
+
+    cfg = load_config(args.config, DistillConfig, args.set)
+    summary = sweep_from_args(cfg, args)
+    print(json.dumps(summary, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdci-ray", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result line")
@@ -134,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite under runs/mlflow)")
     di.add_argument("--experiment", default="kdci", help="MLflow experiment name")
     di.set_defaults(func=cmd_distill)
+
+    tu = sub.add_parser("tune", help="Ray Tune sweep of Ray Train distillations over config keys (N, alpha, ...), tracked in MLflow")
+    tu.add_argument("--config", required=True, help="YAML config of the distillation (see configs/)")
+    tu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    tu.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add_sweep_arguments(tu)
+    tu.set_defaults(func=cmd_tune)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1 against the runs' store")
     ui.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite under runs/mlflow)")

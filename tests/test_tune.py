@@ -83,3 +83,47 @@ def test_bad_search_spaces_fail_before_any_trial(digits_teacher, tmp_path):
     with pytest.raises(ValueError, match="uniform"):
         check_space(cfg, {"kdci.alpha": {"normal": [0, 1]}})
     check_space(cfg, {"kdci.alpha": {"uniform": [0.1, 2.0]}, "kdci.uniform_attention": [True, False]})
+
+
+def test_a_sweep_killed_with_its_driver_resumes_without_redoing_finished_trials(digits_teacher, tmp_path):
+    """jobs/tune.py in its own process group (its local Ray with it) is killed once the first trial has
+    finished; running it again finishes the sweep, and the finished trial is neither trained nor logged again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = CONFIGS.parent
+    storage, uri = tmp_path / "ray", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "jobs/tune.py", "--config", str(CONFIGS / "dfnd-digits-digits_cnn-digits_cnn_small.yaml"),
+           "--set", f"teacher.weights={digits_teacher}", "--set", "name=resumed", "--set", "optim.epochs=2",
+           "--set", "synthesis.num_select=600", "--set", "kdci.n=16", "--space", "kdci.alpha=[0.5,1.0]",
+           "--scheduler", "fifo", "--max-concurrent", "1", "--storage", str(storage), "--tracking-uri", uri]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    first = subprocess.Popen(cmd, cwd=repo, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trials = storage / "resumed-sweep" / "trials"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(trials.glob("*/outputs/attempts.jsonl")):
+        assert first.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.5)
+    finished_before = sorted(p.parent.parent.name for p in trials.glob("*/outputs/attempts.jsonl"))
+    assert finished_before, "no trial finished in time"
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    first.wait()
+    time.sleep(2)
+
+    again = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    assert sorted(r["kdci.alpha"] for r in summary["trials"]) == [0.5, 1.0]
+    assert all(r["epochs"] == 2 and r["error"] is None for r in summary["trials"])
+    for name in finished_before:  # trained once: a later attempt (if Tune had not recorded the end) trains nothing
+        attempts = [json.loads(line) for line in (trials / name / "outputs" / "attempts.jsonl").read_text().splitlines()]
+        assert attempts[0]["resumed_from"] == 0 and all(a["resumed_from"] == 2 for a in attempts[1:])
+    from kdci_ray.tracking.store import client
+
+    mlflow = client(uri)
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("kdci").experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["mlflow_parent_run_id"]]
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1  # the same parent run continued
+    assert sorted(r.data.tags["trial.kdci.alpha"] for r in children) == ["0.5", "1.0"]  # one child per trial

@@ -219,6 +219,7 @@ def distill_on_ray(
     num_workers: int = 2,
     use_gpu: bool | None = None,
     cpus_per_worker: float | None = None,
+    gpus_per_worker: float | None = None,
     storage_path: str | Path | None = None,
     max_failures: int = 2,
     keep_checkpoints: int = 2,
@@ -246,6 +247,8 @@ def distill_on_ray(
         use_gpu = float(ray.cluster_resources().get("GPU", 0)) > 0
     # CPU workers share the CPUs, one left free for Ray Data's reading (and the Train controller).
     resources = {"CPU": cpus_per_worker or (1.0 if use_gpu else actor_cpus(num_workers, reserve=1.0, cap=None))}
+    if use_gpu and gpus_per_worker is not None:  # a fraction lets several small runs (Tune trials) share a GPU
+        resources["GPU"] = gpus_per_worker
     info = dataset_info(cfg.data.dataset)
     image_shape = [info.channels, info.image_size, info.image_size]
     datasets, rows_per_worker = {}, None

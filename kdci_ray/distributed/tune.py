@@ -87,12 +87,17 @@ def _trial(config: dict, base: dict, parent: dict, settings: dict) -> None:
     try:
         result = distill_on_ray(
             cfg, num_workers=settings["workers"], use_gpu=settings["use_gpu"], cpus_per_worker=settings["cpus_per_worker"],
+            gpus_per_worker=settings["gpus_per_worker"],
             storage_path=settings["storage"], max_failures=0, callbacks=[TuneReportCallback()],
             mlflow_run={"uri": parent["uri"], "run_id": child.run_id},
         )
     except BaseException:
         child.end("KILLED")  # ASHA stopping a trial, or an error: the run stays, marked as not finished
         raise
+    if result.resumed_from >= cfg.optim.epochs:
+        # The Train run had already finished (the sweep was killed after it, before Tune recorded the trial):
+        # nothing was trained or reported now, so give Tune the run's final epoch.
+        tune.report({k: float(v) for k, v in result.final.items() if isinstance(v, (int, float))})
     log_run_files(child, result.run_dir)
     child.end()
 
@@ -119,6 +124,7 @@ def sweep(
     workers_per_trial: int = 1,
     cpus_per_worker: float | None = None,
     use_gpu: bool | None = None,
+    gpus_per_worker: float | None = None,
     storage_path: str | Path | None = None,
     name: str | None = None,
     experiment: str = "kdci",
@@ -162,7 +168,8 @@ def sweep(
     if parent is None:
         parent = MlflowRunLogger.start(experiment, name, uri=uri, tags={"kdci.sweep": str(storage / name), "kdci.space": json.dumps(space)})
         parent.log_config(cfg)
-    settings = {"workers": workers_per_trial, "use_gpu": use_gpu, "cpus_per_worker": cpus_per_worker, "storage": str(storage / name / "trials")}
+    settings = {"workers": workers_per_trial, "use_gpu": use_gpu, "cpus_per_worker": cpus_per_worker, "gpus_per_worker": gpus_per_worker,
+                "storage": str(storage / name / "trials")}
     # What every trial shares goes in as parameters (not in the search space: it is not searched, not shown).
     trainable = tune.with_parameters(
         _trial, base=cfg.model_dump(mode="json"), settings=settings,
@@ -213,3 +220,28 @@ def sweep(
         parent.log_metrics({f"best_{metric}": float(best[metric])}, step=0)
     parent.end()
     return summary
+
+
+def parse_space_args(items: list[str]) -> dict[str, Any]:
+    """["kdci.n=[16, 64]", "kdci.alpha={uniform: [0.1, 2]}"] -> a search space (values parsed as YAML)."""
+    import yaml
+
+    space = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--space {item!r}: write key=[values] or key={{uniform: [low, high]}}")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        space[key.strip()] = value if isinstance(value, (list, dict)) else [value]
+    return space
+
+
+def sweep_from_args(cfg: DistillConfig, args) -> dict:
+    """`sweep()` from the shared command-line options (kdci-ray tune, jobs/tune.py)."""
+    gpus = args.gpus_per_worker
+    return sweep(
+        cfg, parse_space_args(args.space), search=args.search, num_samples=args.samples, scheduler=args.scheduler, metric=args.metric,
+        mode=args.mode, grace_period=args.grace_period, max_concurrent_trials=args.max_concurrent, workers_per_trial=args.workers_per_trial,
+        use_gpu=None if gpus is None else gpus > 0, gpus_per_worker=gpus, storage_path=args.storage, name=args.name,
+        experiment=args.experiment, tracking_uri=args.tracking_uri, address=getattr(args, "address", None),
+    )
