@@ -19,7 +19,7 @@ def _session_cache(tmp_path_factory):
     else:
         os.environ["KDCI_RAY_CACHE"] = str(tmp_path_factory.mktemp("kdci_cache"))
     # MLflow runs of the tests go to a per-session sqlite store, never runs/mlflow of the checkout.
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     yield
 
 

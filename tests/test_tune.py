@@ -70,6 +70,13 @@ def test_asha_stops_a_trial_that_cannot_learn(ray_local, digits_teacher, tmp_pat
     assert by_lr[0.05]["epochs"] == 4
     assert by_lr[1.0e-7]["epochs"] < 4  # stopped early
     assert by_lr[1.0e-7]["test_top1"] < by_lr[0.05]["test_top1"]
+    # The stopped trial's MLflow run was ended by the driver (the trial itself was killed mid-run).
+    from kdci_ray.tracking.store import client
+
+    mlflow = client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    children = mlflow.search_runs([mlflow.get_experiment_by_name("kdci").experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{out['mlflow_parent_run_id']}'")
+    assert sorted(r.info.status for r in children) == ["FINISHED", "KILLED"]
 
 
 def test_bad_search_spaces_fail_before_any_trial(digits_teacher, tmp_path):
@@ -82,7 +89,31 @@ def test_bad_search_spaces_fail_before_any_trial(digits_teacher, tmp_path):
         check_space(cfg, {"kdci.nope": [1]})
     with pytest.raises(ValueError, match="uniform"):
         check_space(cfg, {"kdci.alpha": {"normal": [0, 1]}})
+    with pytest.raises(ValueError, match="kdci.n"):  # an integer field cannot take a float range
+        check_space(cfg, {"kdci.n": {"uniform": [8, 64]}})
     check_space(cfg, {"kdci.alpha": {"uniform": [0.1, 2.0]}, "kdci.uniform_attention": [True, False]})
+
+
+def test_bad_sweep_settings_fail_before_ray_starts(digits_teacher, tmp_path):
+    from kdci_ray.distributed.tune import parse_space_args, sweep
+
+    cfg = dfnd_config(digits_teacher, "bad")
+    space = {"kdci.n": [8, 16]}
+    with pytest.raises(ValueError, match="metric = 'accuracy'"):
+        sweep(cfg, space, metric="accuracy", storage_path=tmp_path)
+    with pytest.raises(ValueError, match="test_top1_compensated"):  # KDCI off reports no compensated accuracy
+        sweep(cfg.model_copy(update={"kdci": cfg.kdci.model_copy(update={"enabled": False})}), space,
+              metric="test_top1_compensated", storage_path=tmp_path)
+    with pytest.raises(ValueError, match="eval_every"):
+        sweep(cfg.model_copy(update={"eval_every": 2}), space, storage_path=tmp_path)
+    with pytest.raises(ValueError, match="NCCL"):
+        sweep(cfg, space, gpus_per_worker=0.5, workers_per_trial=2, storage_path=tmp_path)
+    with pytest.raises(ValueError, match="at least 1"):
+        sweep(cfg, space, workers_per_trial=0, storage_path=tmp_path)
+    with pytest.raises(ValueError, match="--space"):
+        parse_space_args(["kdci.n=[8, 16"])
+    assert parse_space_args(["kdci.n=[8, 16]", "kdci.alpha={uniform: [0.1, 2]}", "kd.temperature=4"]) == {
+        "kdci.n": [8, 16], "kdci.alpha": {"uniform": [0.1, 2]}, "kd.temperature": [4]}
 
 
 def test_a_sweep_killed_with_its_driver_resumes_without_redoing_finished_trials(digits_teacher, tmp_path):

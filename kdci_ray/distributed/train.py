@@ -107,16 +107,20 @@ class _TrainReporter:
     go to an MLflow run when one is given."""
 
     def __init__(self, mlflow_run: dict | None = None):
-        self.mlflow = None
-        if mlflow_run is not None:
-            from ..tracking.logger import MlflowRunLogger
-            from ..tracking.store import client
-
-            self.mlflow = MlflowRunLogger(client(mlflow_run["uri"]), mlflow_run["run_id"])
+        self.mlflow_run, self.mlflow = mlflow_run, None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.mlflow is not None:  # the loop calls this on rank 0 only
+        if self.mlflow_run is None:  # the loop calls this on rank 0 only: only rank 0 opens the store
+            return
+        try:
+            if self.mlflow is None:
+                from ..tracking.logger import MlflowRunLogger
+                from ..tracking.store import client
+
+                self.mlflow = MlflowRunLogger(client(self.mlflow_run["uri"]), self.mlflow_run["run_id"])
             self.mlflow.log_metrics(metrics, step)
+        except Exception as exc:  # tracking is best-effort: a busy store must not kill training
+            log.warning("mlflow: epoch %d metrics not logged (%s)", step, exc)
 
     def log_artifact(self, path: Path) -> None:
         pass

@@ -6,7 +6,8 @@ sweep and a child run per trial.
 
 Spaces: `{"kdci.n": [8, 16], "kdci.alpha": [0.5, 1.0]}` is a grid (search="grid") or the values to draw
 from (search="random" / "optuna"); `{"kdci.alpha": {"uniform": [0.1, 2.0]}}` (or loguniform) is continuous.
-Every value is validated against the config before any trial starts. Trials of one sweep share cached
+Every value is validated against the config before any trial starts. Tune restores a killed sweep's
+trials and search state, not ASHA's rungs: after a resume, stopping starts comparing afresh. Trials of one sweep share cached
 dictionaries only where their data is the same (fixed pools); a sweep killed mid-way resumes from its
 storage folder: finished trials are kept, unfinished ones continue from their Train checkpoints.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,12 @@ def check_space(cfg: DistillConfig, space: dict[str, Any]) -> None:
             if len(spec) != 1 or next(iter(spec)) not in ("uniform", "loguniform") or len(next(iter(spec.values()))) != 2:
                 raise ValueError(f"search space {key}: a range is {{uniform: [low, high]}} or {{loguniform: [low, high]}}, got {spec}")
             values = next(iter(spec.values()))
+            low, high = values
+            if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and low < high):
+                raise ValueError(f"search space {key}: a range needs numbers low < high, got {values}")
+            if next(iter(spec)) == "loguniform" and low <= 0:
+                raise ValueError(f"search space {key}: loguniform needs low > 0, got {low}")
+            values = [low, high, low + (high - low) / 3]  # and a value inside: an integer field refuses a float range here
         elif isinstance(spec, list) and spec:
             values = spec
         else:
@@ -94,6 +102,12 @@ def _trial(config: dict, base: dict, parent: dict, settings: dict) -> None:
     except BaseException:
         child.end("KILLED")  # ASHA stopping a trial, or an error: the run stays, marked as not finished
         raise
+    if settings.get("log_model", True) and (result.run_dir / "student.safetensors").is_file():
+        from ..data import dataset_info
+        from ..tracking.runs import log_student_model
+
+        info = dataset_info(cfg.data.dataset)
+        log_student_model(child, result.run_dir / "student.safetensors", (info.channels, info.image_size, info.image_size))
     if result.resumed_from >= cfg.optim.epochs:
         # The Train run had already finished (the sweep was killed after it, before Tune recorded the trial):
         # nothing was trained or reported now, so give Tune the run's final epoch.
@@ -140,8 +154,23 @@ def sweep(
         raise ValueError(f"search = {search!r}: use grid, random or optuna")
     if scheduler not in ("asha", "fifo"):
         raise ValueError(f"scheduler = {scheduler!r}: use asha or fifo")
-    if cfg.eval_every != 1 and scheduler == "asha":
-        raise ValueError("ASHA compares trials on the per-epoch metric: set eval_every: 1")
+    if cfg.eval_every != 1:
+        raise ValueError(f"eval_every = {cfg.eval_every}: a sweep reports {metric} every epoch; set eval_every: 1")
+    known = {"test_top1", "test_top5", "train_loss"} | ({"test_top1_compensated", "test_top5_compensated"} if cfg.kdci.enabled else set())
+    if metric not in known:
+        raise ValueError(f"metric = {metric!r}: the trials report {', '.join(sorted(known))}")
+    if workers_per_trial < 1:
+        raise ValueError(f"workers per trial = {workers_per_trial}: need at least 1")
+    if gpus_per_worker is not None and gpus_per_worker < 1 and workers_per_trial > 1:
+        raise ValueError(
+            f"gpus per worker = {gpus_per_worker} with {workers_per_trial} workers per trial would put one trial's DDP workers on "
+            "one GPU (NCCL refuses that): use fractional GPUs with --workers-per-trial 1, or whole GPUs"
+        )
+    if search == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ValueError("search = optuna needs the optuna package: pip install optuna (or use --search random)") from None
     cfg = with_absolute_paths(cfg)
     check_space(cfg, space)
     storage = resolve_storage(storage_path)
@@ -153,8 +182,12 @@ def sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
     if use_gpu is None:
-        use_gpu = float(ray.cluster_resources().get("GPU", 0)) > 0
+        use_gpu = cluster_gpus > 0
+    if use_gpu and cluster_gpus == 0 and not os.environ.get("KDCI_EXPECT_AUTOSCALED_GPUS"):
+        raise ValueError("GPU trials asked for (--gpus-per-worker) but the cluster has no GPUs now "
+                         "(on an autoscaling cluster set KDCI_EXPECT_AUTOSCALED_GPUS=1)")
     concurrent = max_concurrent_trials or 2
     if cpus_per_worker is None and not use_gpu:
         # CPU trials share the machine: `concurrent` trials fit at once, with one CPU of slack — a finished
@@ -164,7 +197,10 @@ def sweep(
         cpus_per_worker = max(0.05, (cpus - 1 - _TRIAL_CPU * concurrent) / (concurrent * workers_per_trial))
     mlflow_client = client(uri)
     exp_id = experiment_id(mlflow_client, experiment)
+    domains = _domains(space, search)  # before any run is created: bad ranges fail here
     parent = _find_run(mlflow_client, exp_id, {"kdci.sweep": str(storage / name)})
+    if parent is not None and json.loads(parent.client.get_run(parent.run_id).data.tags.get("kdci.space", "{}")) != space:
+        raise ValueError(f"sweep {name} in {storage} was started with another search space; use another --name to search this one")
     if parent is None:
         parent = MlflowRunLogger.start(experiment, name, uri=uri, tags={"kdci.sweep": str(storage / name), "kdci.space": json.dumps(space)})
         parent.log_config(cfg)
@@ -177,7 +213,7 @@ def sweep(
     )
     # The trial function only waits on its TorchTrainer: it holds a sliver of a CPU, the Train workers the rest.
     trainable = tune.with_resources(trainable, {"CPU": _TRIAL_CPU})
-    param_space = _domains(space, search)
+    param_space = domains
     path = storage / name
     if tune.Tuner.can_restore(str(path)):
         log.info("tune: resuming %s", path)
@@ -191,14 +227,24 @@ def sweep(
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, num_samples=num_samples, search_alg=search_alg, max_concurrent_trials=max_concurrent_trials,
-                scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs, grace_period=grace_period, reduction_factor=2)
+                metric=metric, mode=mode, num_samples=num_samples, search_alg=search_alg, max_concurrent_trials=concurrent,
+                # max_t one past the last epoch: a trial that trains every epoch ends by itself (writing its
+                # student and final artifacts) instead of being stopped at its last report.
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs + 1, grace_period=grace_period, reduction_factor=2)
                 if scheduler == "asha" else FIFOScheduler(),
             ),
             run_config=tune.RunConfig(name=name, storage_path=str(storage)),
         )
     t0 = time.perf_counter()
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        parent.end("FAILED")
+        raise
+    # A trial ASHA stopped was killed inside its Train run: its MLflow run could not end itself.
+    for run in mlflow_client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}' and attributes.status = 'RUNNING'"):
+        mlflow_client.set_tag(run.info.run_id, "kdci.stopped_early", "true")
+        mlflow_client.set_terminated(run.info.run_id, "KILLED")
     rows = []
     for result in grid:
         overrides = dict(result.config or {})
@@ -231,7 +277,10 @@ def parse_space_args(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"--space {item!r}: write key=[values] or key={{uniform: [low, high]}}")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--space {item!r}: the values are not valid YAML ({exc.problem})") from None
         space[key.strip()] = value if isinstance(value, (list, dict)) else [value]
     return space
 

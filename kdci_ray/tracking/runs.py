@@ -51,14 +51,14 @@ def log_outputs(run: MlflowRunLogger, cfg: DistillConfig, result: DistillResult,
     log_run_files(run, result.run_dir)
     if result.student_weights is not None:
         info = dataset_info(cfg.data.dataset)
-        _log_model(run, result.student_weights, (info.channels, info.image_size, info.image_size))
+        log_student_model(run, result.student_weights, (info.channels, info.image_size, info.image_size))
     if source is not None and hasattr(source, "dictionary_images"):
         with tempfile.TemporaryDirectory() as tmp:
             for figure in substitution_figures(cfg, source, Path(tmp)):
                 run.log_artifact(figure, "figures")
 
 
-def _log_model(run: MlflowRunLogger, weights: Path, image_shape: tuple[int, int, int]) -> None:
+def log_student_model(run: MlflowRunLogger, weights: Path, image_shape: tuple[int, int, int]) -> None:
     """The student as an MLflow (pytorch) model, loadable with mlflow.pytorch.load_model (exported with
     torch.export from an example batch of normalised images, not pickled)."""
     import mlflow
@@ -71,7 +71,7 @@ def _log_model(run: MlflowRunLogger, weights: Path, image_shape: tuple[int, int,
             # Requirements named, not inferred (inference imports and inspects the whole environment: slow).
             mlflow.pytorch.log_model(
                 student.cpu().eval(), name="student_model", input_example=np.zeros((1, *image_shape), dtype=np.float32),
-                pip_requirements=["torch", "torchvision", "kdci-ray"],
+                serialization_format="pt2", pip_requirements=["torch", "torchvision"],
             )
     finally:
         mlflow.set_tracking_uri(previous)

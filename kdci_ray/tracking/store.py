@@ -16,12 +16,21 @@ def default_uri(root: Path | None = None) -> str:
 
 
 def tracking_uri(uri: str | None = None) -> str:
-    """The store to use: `uri`, else $MLFLOW_TRACKING_URI, else the embedded sqlite store (created on use)."""
+    """The store to use: `uri`, else $MLFLOW_TRACKING_URI, else an embedded sqlite store (created on use) in
+    $KDCI_STORAGE/mlflow (shared storage on a cluster) or runs/mlflow here. Inside `ray job submit` the
+    working directory is a temporary copy: there a store must be named (or KDCI_STORAGE set)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
-    return default_uri()
+    if os.environ.get("KDCI_STORAGE"):
+        root = Path(os.environ["KDCI_STORAGE"]) / "mlflow"
+    elif "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        raise ValueError("no MLflow store named inside `ray job submit`: pass --tracking-uri (a tracking server, or sqlite on "
+                         "shared storage) or set KDCI_STORAGE on the cluster")
+    else:
+        root = DEFAULT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    return default_uri(root)
 
 
 def artifact_location(uri: str) -> str | None:
