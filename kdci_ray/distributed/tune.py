@@ -102,7 +102,7 @@ def _trial(config: dict, base: dict, parent: dict, settings: dict) -> None:
     except BaseException:
         child.end("KILLED")  # ASHA stopping a trial, or an error: the run stays, marked as not finished
         raise
-    if settings.get("log_model", True) and (result.run_dir / "student.safetensors").is_file():
+    if (result.run_dir / "student.safetensors").is_file():
         from ..data import dataset_info
         from ..tracking.runs import log_student_model
 
