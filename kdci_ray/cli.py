@@ -85,7 +85,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     """The MLflow UI on this machine's loopback, on the same store the runs were written to."""
     import os
-    import subprocess
 
     from .tracking.store import artifact_location, tracking_uri
 
@@ -95,7 +94,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if artifacts:
         cmd += ["--default-artifact-root", artifacts]
     print(f"MLflow UI: http://{args.host}:{args.port}  (store {uri}; Ctrl-C stops it)", file=sys.stderr, flush=True)
-    return subprocess.call(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    # Become the server (no wrapper process): signals to this process reach MLflow itself.
+    os.execve(sys.executable, cmd, {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:

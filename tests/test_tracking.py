@@ -4,6 +4,7 @@ serving the runs on 127.0.0.1."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -86,7 +87,7 @@ def test_ui_serves_the_runs_on_localhost(tmp_path):
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     server = subprocess.Popen([sys.executable, "-m", "kdci_ray.cli", "ui", "--port", str(port)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
         deadline, body = time.time() + 120, None
@@ -107,6 +108,6 @@ def test_ui_serves_the_runs_on_localhost(tmp_path):
         assert [r["info"]["run_name"] for r in runs] == ["shown"]
         with urllib.request.urlopen(base + "/", timeout=10) as r:  # the UI page itself
             assert r.status == 200 and b"<html" in r.read().lower()
-    finally:
-        server.terminate()
+    finally:  # the server and the workers it started
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
