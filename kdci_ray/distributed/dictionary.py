@@ -235,3 +235,15 @@ def _build_on_shards(ray, files, groups, offsets, column, total, n, seed, niter,
         meta, train_samples=len(train), iterations=iterations, inertia=float(inertia), extra={**meta.extra, "seconds": phases},
     ))
 
+
+
+def dictionary_for_config(cfg: DistillConfig, pool: str | Path, *, teacher: str, cache_dir: str | Path, shards: int = 2,
+                          n: int | None = None) -> ConfounderDictionary:
+    """The dictionary a run of `cfg` on `pool` uses (kdci.n unless `n`), with the run's k-means settings;
+    cached in `cache_dir`, so trials and re-submissions with the same N reuse it."""
+    k = cfg.kdci
+    return build_dictionary_distributed(
+        pool, k.n if n is None else n, seed=cfg.seed, niter=k.niter, nredo=k.nredo, feature=k.feature, pca_dim=k.pca_dim,
+        max_train_points=k.max_train_points, shards=shards, teacher=teacher, dataset=cfg.data.dataset,
+        cache_dir=cache_dir, teacher_config=cfg,
+    )

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..config import DistillConfig, with_absolute_paths
 from ..engine.distill import check_pool_run, load_models
 from ..engine.runtime import resolve_runtime
-from .dictionary import build_dictionary_distributed
+from .dictionary import dictionary_for_config
 from .generate import generate, select_wild
 from .session import ensure_ray
 from .train import distill_on_ray, resolve_storage
@@ -67,12 +67,7 @@ def run_pipeline(
     dictionary_path = None
     if cfg.kdci.enabled:
         t0 = time.perf_counter()
-        k = cfg.kdci
-        dictionary = build_dictionary_distributed(
-            pool, k.n, seed=cfg.seed, niter=k.niter, nredo=k.nredo, feature=k.feature, pca_dim=k.pca_dim,
-            max_train_points=k.max_train_points, shards=dictionary_shards, teacher=teacher_id, dataset=cfg.data.dataset,
-            cache_dir=storage / "dictionaries", teacher_config=cfg,
-        )
+        dictionary = dictionary_for_config(cfg, pool, teacher=teacher_id, cache_dir=storage / "dictionaries", shards=dictionary_shards)
         dictionary_path = dictionary.save(folder / "dictionary.safetensors")
         seconds["dictionary"] = round(time.perf_counter() - t0, 2)
         overrides["kdci"] = cfg.kdci.model_copy(update={"dictionary": dictionary_path, "rebuild_every": 0})

@@ -33,7 +33,7 @@ import torch
 
 from ..config import DistillConfig, validate_config, with_absolute_paths
 from ..data import dataset_info
-from ..engine.distill import check_pool_run, distill, make_source
+from ..engine.distill import check_pool_run, distill, finished_history, make_source
 from ..engine.parallel import rank_seed
 from ..models import ModelCard
 from .dictionary import pool_files
@@ -217,6 +217,11 @@ def _check_inputs(cfg: DistillConfig) -> None:
     check_pool_run(cfg)
 
 
+def _newest_checkpoint(run_folder: Path) -> str | None:
+    folders = sorted(run_folder.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
+    return str(folders[-1]) if folders else None
+
+
 def distill_on_ray(
     cfg: DistillConfig,
     *,
@@ -243,6 +248,12 @@ def distill_on_ray(
     cfg = with_absolute_paths(cfg)
     _check_inputs(cfg)
     storage = resolve_storage(storage_path)
+    run_dir = storage / cfg.name / OUTPUTS
+    history = finished_history(cfg, run_dir)
+    if history is not None:  # finished before (maybe its last checkpoint never got registered): no workers needed
+        log.info("ray train: %s already finished (%d epochs) in %s", cfg.name, cfg.optim.epochs, run_dir)
+        return RayDistillResult(run_dir, storage / cfg.name, history, checkpoint=_newest_checkpoint(storage / cfg.name),
+                                resumed_from=cfg.optim.epochs, workers=num_workers, use_gpu=bool(use_gpu))
     ray = ensure_ray(address)
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -266,7 +277,6 @@ def distill_on_ray(
                 f"optim.batch_size = {cfg.optim.batch_size}; lower the batch size or the workers"
             )
         datasets["train"] = ray.data.read_parquet([str(f) for f in files]).select_columns(["image"])
-    run_dir = storage / cfg.name / OUTPUTS
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={

@@ -85,6 +85,9 @@ def _trial(config: dict, base: dict, parent: dict, settings: dict) -> None:
     raw = apply_overrides(copy.deepcopy(base), _override_list(overrides))
     trial_id = tune.get_context().get_trial_id()
     raw["name"] = f"{raw['name']}-{trial_id}"
+    prebuilt = settings.get("dictionaries", {}).get(str(raw["kdci"]["n"]))
+    if raw["kdci"]["enabled"] and prebuilt is not None:  # this N's dictionary, built once for the sweep on its fixed pool
+        raw["kdci"].update(dictionary=prebuilt, rebuild_every=0)
     cfg = validate_config(DistillConfig, raw, f"trial {trial_id}")
     mlflow_client = client(parent["uri"])
     child = _find_run(mlflow_client, parent["experiment_id"], {"kdci.trial_id": trial_id})
@@ -116,6 +119,31 @@ def _trial(config: dict, base: dict, parent: dict, settings: dict) -> None:
     child.end()
 
 
+# Keys that change what a dictionary is (beyond N): a sweep over one of them builds dictionaries per trial.
+_DICTIONARY_KEYS = {"seed", "kdci.feature", "kdci.niter", "kdci.nredo", "kdci.pca_dim", "kdci.max_train_points", "kdci.dictionary", "pool"}
+
+
+def _pool_dictionaries(cfg: DistillConfig, space: dict[str, Any], storage: Path, folder: Path, shards: int) -> dict[str, str]:
+    """On a fixed pool, the dictionary of every N the sweep can try, built once (and cached under
+    `storage`/dictionaries across sweeps) instead of once per trial; {} where trials must build their own."""
+    n_spec = space.get("kdci.n", [cfg.kdci.n])
+    kdci_values = space.get("kdci.enabled", [cfg.kdci.enabled])
+    if (cfg.pool is None or cfg.kdci.dictionary is not None or not isinstance(n_spec, list)
+            or not isinstance(kdci_values, list) or not any(kdci_values) or _DICTIONARY_KEYS & set(space)):
+        return {}
+    from ..engine.distill import load_models
+    from ..engine.runtime import resolve_runtime
+    from .dictionary import dictionary_for_config
+
+    teacher_id = load_models(cfg, resolve_runtime("cpu")).teacher_id
+    paths = {}
+    for n in sorted(set(n_spec)):
+        dictionary = dictionary_for_config(cfg, cfg.pool, teacher=teacher_id, cache_dir=storage / "dictionaries", shards=shards, n=int(n))
+        paths[str(n)] = str(dictionary.save(folder / "dictionaries" / f"dictionary-n{n}.safetensors"))
+    log.info("tune: dictionaries for N in %s built on the pool (trials load them)", sorted(set(n_spec)))
+    return paths
+
+
 def _find_run(mlflow_client, experiment_id: str, tags: dict[str, str]):
     from ..tracking.logger import MlflowRunLogger
 
@@ -143,9 +171,13 @@ def sweep(
     name: str | None = None,
     experiment: str = "kdci",
     tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    dictionary_shards: int = 2,
     address: str | None = None,
 ) -> dict:
-    """Run the sweep (or resume it from `<storage>/<name>`); returns one row per trial and the best."""
+    """Run the sweep (or resume it from `<storage>/<name>`); returns one row per trial and the best.
+    `parent_run_id`: nest the sweep's MLflow run under that run (a quickstart or pipeline run). On a fixed
+    pool the dictionaries of the listed N are built once up front (`dictionary_shards` actors)."""
     from ..tracking import plots
     from ..tracking.logger import MlflowRunLogger
     from ..tracking.store import client, experiment_id, tracking_uri as resolve_uri
@@ -198,14 +230,18 @@ def sweep(
     mlflow_client = client(uri)
     exp_id = experiment_id(mlflow_client, experiment)
     domains = _domains(space, search)  # before any run is created: bad ranges fail here
+    dictionaries = _pool_dictionaries(cfg, space, storage, storage / name, shards=dictionary_shards)
     parent = _find_run(mlflow_client, exp_id, {"kdci.sweep": str(storage / name)})
     if parent is not None and json.loads(parent.client.get_run(parent.run_id).data.tags.get("kdci.space", "{}")) != space:
         raise ValueError(f"sweep {name} in {storage} was started with another search space; use another --name to search this one")
     if parent is None:
-        parent = MlflowRunLogger.start(experiment, name, uri=uri, tags={"kdci.sweep": str(storage / name), "kdci.space": json.dumps(space)})
+        outer = None if parent_run_id is None else MlflowRunLogger(mlflow_client, parent_run_id)
+        parent = MlflowRunLogger.start(experiment, name, uri=uri, parent=outer,
+                                       tags={"kdci.sweep": str(storage / name), "kdci.space": json.dumps(space)})
         parent.log_config(cfg)
     settings = {"workers": workers_per_trial, "use_gpu": use_gpu, "cpus_per_worker": cpus_per_worker, "gpus_per_worker": gpus_per_worker,
-                "storage": str(storage / name / "trials")}
+                "storage": str(storage / name / "trials"),
+                "dictionaries": dictionaries}
     # What every trial shares goes in as parameters (not in the search space: it is not searched, not shown).
     trainable = tune.with_parameters(
         _trial, base=cfg.model_dump(mode="json"), settings=settings,

@@ -571,6 +571,25 @@ def _finished(run: _Run, result: DistillResult) -> DistillResult:
     return result
 
 
+def finished_history(cfg: DistillConfig, run_dir: Path) -> list[dict] | None:
+    """The history of a run of `cfg` that already finished in `run_dir` (its final files written, the
+    same config up to where/how fields), else None. Lets a launcher return a finished run without
+    starting workers, even when the launcher was killed before it recorded the end itself."""
+    from ..config import load_config
+
+    run_dir = Path(run_dir)
+    files = [run_dir / name for name in ("metrics.json", "student.safetensors", "config.yaml")]
+    if not all(f.is_file() for f in files):
+        return None
+    history = json.loads(files[0].read_text())
+    if not history or history[-1].get("epoch") != cfg.optim.epochs:
+        return None
+    saved = load_config(files[2], DistillConfig)
+    if _config_diff(saved.model_dump(mode="json"), cfg.model_dump(mode="json")):
+        return None
+    return history
+
+
 def make_source(cfg: DistillConfig, seed: int | None = None) -> SubstitutionSource:
     """The substitution source a config names: the fixed Parquet pool `pool` when set, else its `synthesis`
     method (bound to the run's models later). `seed` defaults to the run's (data-parallel ranks pass their own)."""
