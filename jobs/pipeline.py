@@ -3,7 +3,7 @@
     python jobs/pipeline.py --config configs/fast-digits-digits_cnn-digits_cnn_small.yaml [--storage runs/ray]
     ray job submit --working-dir . -- python jobs/pipeline.py --config ... --storage /mnt/efs/kdci/ray
 Everything lands under <storage>/<name>/ (pool/, dictionary.safetensors, outputs/, Ray checkpoints); submitting
-again continues where it stopped.
+again continues where it stopped. One MLflow parent run per pipeline, the distillation its child (--no-track: none).
 """
 
 from _common import parser, run
@@ -20,6 +20,9 @@ def main() -> dict:
     p.add_argument("--mode", default="resume", choices=["fail", "resume", "overwrite"], help="when the pool folder already holds shards")
     p.add_argument("--max-failures", type=int, default=2, help="distillation restarts after a worker dies")
     p.add_argument("--cpu", action="store_true", help="CPU distillation workers even when the cluster has GPUs")
+    p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite under $KDCI_STORAGE/mlflow)")
+    p.add_argument("--experiment", default="kdci", help="MLflow experiment")
+    p.add_argument("--no-track", action="store_true", help="no MLflow runs")
     args = p.parse_args()
 
     from kdci_ray.config import DistillConfig, load_config
@@ -30,7 +33,8 @@ def main() -> dict:
     return run_pipeline(
         cfg, storage_path=args.storage, shards=args.shards, calls_per_shard=args.calls_per_shard, actors=args.actors,
         dictionary_shards=args.dictionary_shards, workers=args.workers, mode=args.mode, use_gpu=False if args.cpu else None,
-        max_failures=args.max_failures, address=args.address,
+        max_failures=args.max_failures, address=args.address, track=not args.no_track, experiment=args.experiment,
+        tracking_uri=args.tracking_uri,
     )
 
 

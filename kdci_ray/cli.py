@@ -127,6 +127,44 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def ui_command(uri: str) -> str:
+    """The command that opens the UI on `uri` (short when it is the default store)."""
+    from .tracking.store import tracking_uri
+
+    return "kdci-ray ui" if uri == tracking_uri(None) else f"kdci-ray ui --tracking-uri {uri}"
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .distributed.quickstart import failed_trials, quickstart, summary_table
+
+    summary = quickstart(size=args.size, config=args.config, storage_path=args.storage, tracking_uri=args.tracking_uri,
+                         experiment=args.experiment, workers=args.workers, address=args.address)
+    print(summary_table(summary), file=sys.stderr)
+    print(f"Everything is in MLflow (experiment {summary['experiment']}, run {summary['mlflow_run_id']}); open it with:\n\n"
+          f"    {ui_command(summary['tracking_uri'])}\n", file=sys.stderr)
+    print(json.dumps(summary, default=str))
+    failed = failed_trials(summary)
+    if failed:  # the table shows them; the exit code tells scripts
+        print(f"kdci-ray quickstart: {len(failed)} sweep trial(s) failed (first: {failed[0]['error'][:500]}); run it again to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import TableConfig, load_config
+    from .distributed.reproduce import reproduce
+
+    table = load_config(args.config, TableConfig, args.table_set)
+    out = reproduce(table, config_dir=Path(args.config).parent, overrides=args.set, storage_path=args.storage,
+                    experiment=args.experiment, tracking_uri=args.tracking_uri, address=args.address)
+    print(Path(out["files"]["markdown"]).read_text(), file=sys.stderr)
+    print(json.dumps(out, default=str))
+    return 1 if out["failed"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdci-ray", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result line")
@@ -170,6 +208,29 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     add_sweep_arguments(tu)
     tu.set_defaults(func=cmd_tune)
+
+    qs = sub.add_parser("quickstart", help="the whole workflow on digits, nothing downloaded: teacher, generation, dictionary, "
+                        "distillation with KDCI off and on, a 4-trial sweep; local Ray, embedded MLflow")
+    qs.add_argument("--size", default="default", choices=["default", "ci"], help="ci: every stage at the smallest size (tests)")
+    qs.add_argument("--config", default="configs/deepinv-digits-digits_cnn-digits_cnn_small.yaml",
+                    help="the digits distill config whose DFKD method generates the data")
+    qs.add_argument("--storage", help="where it all goes (default: $KDCI_STORAGE/ray, else runs/ray; under <storage>/quickstart)")
+    qs.add_argument("--workers", type=int, default=2, help="generation actors, dictionary shards and DDP workers")
+    qs.add_argument("--experiment", default="kdci-quickstart", help="MLflow experiment")
+    qs.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite under runs/mlflow)")
+    qs.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    qs.set_defaults(func=cmd_quickstart)
+
+    rp = sub.add_parser("reproduce", help="a results table (methods x KDCI off/on x teacher/student pairs) as one Ray Tune grid; "
+                        "writes table.md / table.csv / results.json")
+    rp.add_argument("--config", required=True, help="table config (configs/table-*.yaml); cells are the distill configs beside it")
+    rp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a value in every cell's config, e.g. optim.epochs=20")
+    rp.add_argument("--table-set", action="append", default=[], metavar="KEY=VALUE", help="override a table setting, e.g. methods=[fast,cmi]")
+    rp.add_argument("--storage", help="grid storage (default: $KDCI_STORAGE/ray, else runs/ray); the same storage resumes")
+    rp.add_argument("--experiment", default="kdci-tables", help="MLflow experiment")
+    rp.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite under runs/mlflow)")
+    rp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    rp.set_defaults(func=cmd_reproduce)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1 against the runs' store")
     ui.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite under runs/mlflow)")

@@ -265,6 +265,33 @@ class DistillConfig(RunConfig):
     )
 
 
+class TableConfig(Section):
+    """A results table (`kdci-ray reproduce`): methods x KDCI off/on x teacher/student pairs, each cell the
+    distill config `<method>-<dataset>-<pair>.yaml` beside the table config, run as one Ray Tune grid."""
+
+    name: Text = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="names the grid's folder and MLflow run")
+    dataset: DatasetName
+    methods: list[Text] = Field(min_length=1, description="DFKD methods (rows)")
+    pairs: list[Annotated[Text, Field(pattern=r"^[A-Za-z0-9_]+-[A-Za-z0-9_]+$")]] = Field(
+        min_length=1, description="teacher-student architecture pairs, e.g. wrn40_2-wrn16_1")
+    kdci: list[bool] = Field([False, True], min_length=1, description="KDCI off and/or on in every cell")
+    set: list[Text] = Field([], description="overrides (key=value) applied to every cell's config")
+    gpus_per_trial: float | None = Field(None, gt=0, description="fractional GPUs per cell (one DDP worker); None: CPU trials")
+    workers_per_trial: Int = Field(1, ge=1)
+    max_concurrent: Int = Field(4, ge=1)
+    reference: dict[Text, dict[Text, float]] = Field({}, description="published top-1 per method and pair, shown beside ours")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in SYNTHESIS_CONFIGS:
+                raise ValueError(SYNTHESIS_CONFIGS.unknown_message(name))
+        if len(set(names)) != len(names):
+            raise ValueError(f"methods repeat: {names}")
+        return names
+
+
 C = TypeVar("C", bound=BaseModel)
 
 

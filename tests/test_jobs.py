@@ -69,7 +69,7 @@ def test_ray_job_submit_runs_the_pipeline_against_a_head_on_localhost(ray_head, 
            "python", "jobs/pipeline.py", "--config", "configs/fast-digits-digits_cnn-digits_cnn_small.yaml",
            "--set", f"teacher.weights={digits_teacher}", "--set", "name=submitted", "--set", "optim.epochs=2",
            "--set", "synthesis.warmup_calls=0", "--set", "optim.batch_size=32",
-           "--storage", str(storage), "--shards", "2", "--calls-per-shard", "1"]
+           "--storage", str(storage), "--shards", "2", "--calls-per-shard", "1", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0 and "succeeded" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
     run = storage / "submitted"
@@ -77,3 +77,10 @@ def test_ray_job_submit_runs_the_pipeline_against_a_head_on_localhost(ray_head, 
     assert (run / "dictionary.safetensors").is_file()
     assert [row["epoch"] for row in json.loads((run / "outputs" / "metrics.json").read_text())] == [1, 2]
     assert (run / "outputs" / "student.safetensors").is_file()
+    from kdci_ray.tracking.store import client
+
+    mlflow = client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("kdci").experiment_id])
+    pipeline = [r for r in runs if "kdci.pipeline" in r.data.tags]
+    assert len(runs) == 2 and len(pipeline) == 1 and pipeline[0].info.status == "FINISHED"  # the pipeline and its distillation
+    assert [r.data.tags.get("mlflow.parentRunId") for r in runs if r not in pipeline] == [pipeline[0].info.run_id]

@@ -166,6 +166,24 @@ def test_pipeline_generates_builds_the_dictionary_and_distills_on_the_pool(ray_l
     assert {p: p.stat().st_mtime_ns for p in (folder / "pool").glob("*.parquet")} == pool_files  # shards kept
     assert list((tmp_path / "dictionaries").glob("*.safetensors")) == cached and len(cached) == 1  # cache hit
 
+    # MLflow: one pipeline run (stage times, figures of the pool) with the distillation as its child; the
+    # second submission continued both instead of opening new ones.
+    from kdci_ray.tracking.store import client
+
+    mlflow = client()
+    exp = mlflow.get_experiment_by_name("kdci").experiment_id
+    pipeline = mlflow.search_runs([exp], filter_string=f"tags.`kdci.pipeline` = '{folder}'")
+    assert len(pipeline) == 1 and again["mlflow_run_id"] == out["mlflow_run_id"] == pipeline[0].info.run_id
+    assert pipeline[0].info.status == "FINISHED" and {"seconds_generate", "pool_rows", "test_top1"} <= set(pipeline[0].data.metrics)
+    children = mlflow.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{out['mlflow_run_id']}'")
+    assert [c.info.run_id for c in children] == [out["mlflow_distill_run_id"]] == [again["mlflow_distill_run_id"]]
+    steps = [m.step for m in mlflow.get_metric_history(children[0].info.run_id, "train_loss")]
+    assert steps == [1, 2, 3]  # per-epoch metrics from rank 0, not repeated by the second submission
+    parent_files = {a.path for a in mlflow.list_artifacts(out["mlflow_run_id"], "figures")}
+    assert parent_files == {"figures/substitution_images.png", "figures/class_proportions.png"}
+    child_files = {a.path for a in mlflow.list_artifacts(out["mlflow_distill_run_id"])}
+    assert {"config.yaml", "metrics.json", "student", "dictionary", "figures"} <= child_files
+
 
 def test_teacher_training_on_ray_train_with_two_workers(ray_local, tmp_path):
     """`train-teacher` on 2 DDP workers: each takes half of every epoch; rank 0 writes a teacher that works."""

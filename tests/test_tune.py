@@ -158,3 +158,42 @@ def test_a_sweep_killed_with_its_driver_resumes_without_redoing_finished_trials(
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["mlflow_parent_run_id"]]
     assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1  # the same parent run continued
     assert sorted(r.data.tags["trial.kdci.alpha"] for r in children) == ["0.5", "1.0"]  # one child per trial
+
+
+def test_reproduce_runs_a_results_table_as_one_grid(ray_local, digits_teacher, tmp_path):
+    """methods x KDCI off/on x pairs: one trial per cell and setting, each cell its own config; the table
+    (Markdown, CSV, JSON) holds every cell's KD and KDCI top-1 and is logged to the grid's MLflow run."""
+    import csv
+
+    from kdci_ray.config import TableConfig
+    from kdci_ray.distributed.reproduce import reproduce
+    from kdci_ray.tracking.store import client
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    table = load_config(CONFIGS / "table-digits.yaml", TableConfig, ["name=table-test"])
+    out = reproduce(table, config_dir=CONFIGS, storage_path=tmp_path / "ray", tracking_uri=uri, overrides=[
+        f"teacher.weights={digits_teacher}", "optim.epochs=1", "synthesis.warmup_calls=0", "kdci.n=4"])
+    assert not out["failed"]
+    rows = {(r["method"], r["pair"]): r for r in out["rows"]}
+    assert set(rows) == {("fast", "digits_cnn-digits_cnn_small"), ("deepinv", "digits_cnn-digits_cnn_small")}
+    for r in rows.values():
+        assert 0 <= r["kd_top1"] <= 100 and 0 <= r["kdci_top1"] <= 100 and r["kdci_compensated_top1"] is not None
+        assert r["gain"] == pytest.approx(r["kdci_top1"] - r["kd_top1"])
+    markdown = Path(out["files"]["markdown"]).read_text()
+    assert "| digits_cnn -> digits_cnn_small | fast |" in markdown and "| digits_cnn -> digits_cnn_small | deepinv |" in markdown
+    with open(out["files"]["csv"]) as f:
+        assert [(r["method"], float(r["kd_top1"])) for r in csv.DictReader(f)] == [(m, rows[(m, p)]["kd_top1"]) for m, p in rows]
+    assert len(json.loads(Path(out["files"]["json"]).read_text())["trials"]) == 4
+
+    mlflow = client(uri)
+    children = mlflow.search_runs([mlflow.get_experiment_by_name("kdci-tables").experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{out['mlflow_parent_run_id']}'")
+    cells = sorted((c.data.tags["trial.cell"], c.data.params["kdci.enabled"], c.data.params["synthesis.method"]) for c in children)
+    assert cells == [("deepinv/digits_cnn-digits_cnn_small", "False", "deepinv"), ("deepinv/digits_cnn-digits_cnn_small", "True", "deepinv"),
+                     ("fast/digits_cnn-digits_cnn_small", "False", "fast"), ("fast/digits_cnn-digits_cnn_small", "True", "fast")]
+    logged = {a.path for a in mlflow.list_artifacts(out["mlflow_parent_run_id"], "table")}
+    assert logged == {"table/table.md", "table/table.csv", "table/results.json"}
+
+    with pytest.raises(FileNotFoundError, match="mosaickd-digits-resnet34-resnet18.yaml"):
+        reproduce(table.model_copy(update={"methods": ["mosaickd"], "pairs": ["resnet34-resnet18"]}), config_dir=CONFIGS,
+                  storage_path=tmp_path / "ray", tracking_uri=uri)

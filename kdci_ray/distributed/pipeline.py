@@ -21,7 +21,7 @@ from ..engine.runtime import resolve_runtime
 from .dictionary import dictionary_for_config
 from .generate import generate, select_wild
 from .session import ensure_ray
-from .train import distill_on_ray, resolve_storage
+from .train import distill_on_ray, distill_on_ray_tracked, resolve_storage
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,13 @@ def run_pipeline(
     use_gpu: bool | None = None,
     max_failures: int = 2,
     address: str | None = None,
+    track: bool = True,
+    experiment: str = "kdci",
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
 ) -> dict:
     """Generate the substitution data of `cfg.synthesis`, build its dictionary (when KDCI is on) and distill
-    on it; returns the stage outputs and wall times."""
+    on it; returns the stage outputs and wall times (and the MLflow run ids when tracked)."""
     if cfg.synthesis is None:
         raise ValueError("the pipeline generates with the config's DFKD method: add a `synthesis:` section")
     if cfg.pool is not None:
@@ -53,8 +57,45 @@ def run_pipeline(
     check_pool_run(cfg.model_copy(update={"pool": pool}))  # e.g. DFND's noise adaptation: refused before any stage
     teacher_id = load_models(cfg, resolve_runtime("cpu")).teacher_id  # fails on bad teacher weights before any stage
     ensure_ray(address)
-    seconds: dict[str, float] = {}
+    parent = _pipeline_run(cfg, folder, experiment, tracking_uri, parent_run_id) if track else None
+    try:
+        out = _stages(cfg, storage, folder, pool, teacher_id, parent, shards=shards, calls_per_shard=calls_per_shard, actors=actors,
+                      dictionary_shards=dictionary_shards, workers=workers, mode=mode, use_gpu=use_gpu, max_failures=max_failures,
+                      address=address, experiment=experiment)
+    except BaseException:
+        if parent is not None:
+            parent.end("FAILED")
+        raise
+    if parent is not None:
+        parent.log_metrics({f"seconds_{k}": v for k, v in out["seconds"].items()} | {"pool_rows": out["pool_rows"]}, step=0)
+        parent.log_metrics({k: out[k] for k in ("test_top1", "test_top1_compensated") if out.get(k) is not None}, step=out["epochs"])
+        parent.end()
+        out["mlflow_run_id"] = parent.run_id
+    return out
 
+
+def _pipeline_run(cfg: DistillConfig, folder: Path, experiment: str, tracking_uri: str | None, parent_run_id: str | None):
+    """The pipeline's MLflow run: found again by its storage folder when the pipeline is re-submitted."""
+    from ..tracking.logger import MlflowRunLogger
+    from ..tracking.store import client, experiment_id, tracking_uri as resolve_uri
+
+    uri = resolve_uri(tracking_uri)
+    mlflow_client = client(uri)
+    tags = {"kdci.pipeline": str(folder)}
+    run = MlflowRunLogger.find(mlflow_client, experiment_id(mlflow_client, experiment), tags)
+    if run is None:
+        outer = None if parent_run_id is None else MlflowRunLogger(mlflow_client, parent_run_id)
+        run = MlflowRunLogger.start(experiment, f"{cfg.name} (pipeline)", uri=uri, parent=outer,
+                                    tags={**tags, "method": cfg.synthesis.method, "kdci": str(cfg.kdci.enabled).lower()})
+        run.log_config(cfg)
+    else:
+        mlflow_client.update_run(run.run_id, status="RUNNING")
+    return run
+
+
+def _stages(cfg, storage, folder, pool, teacher_id, parent, *, shards, calls_per_shard, actors, dictionary_shards, workers, mode,
+            use_gpu, max_failures, address, experiment) -> dict:
+    seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     if cfg.synthesis.method == "dfnd":
         manifest = select_wild(cfg, pool, shards=shards, actors=actors, mode=mode)
@@ -62,6 +103,8 @@ def run_pipeline(
         manifest = generate(cfg, pool, shards=shards, calls_per_shard=calls_per_shard, actors=actors, mode=mode)
     seconds["generate"] = round(time.perf_counter() - t0, 2)
     log.info("pipeline %s: %d substitution images in %s (%.1f s)", cfg.name, manifest["rows"], pool, seconds["generate"])
+    if parent is not None:
+        _log_pool(parent, cfg.model_copy(update={"pool": pool}), pool)
 
     overrides: dict = {"pool": pool}
     dictionary_path = None
@@ -73,15 +116,32 @@ def run_pipeline(
         overrides["kdci"] = cfg.kdci.model_copy(update={"dictionary": dictionary_path, "rebuild_every": 0})
 
     t0 = time.perf_counter()
-    result = distill_on_ray(
-        cfg.model_copy(update=overrides), num_workers=workers, use_gpu=use_gpu, storage_path=storage,
-        max_failures=max_failures, address=address,
-    )
+    run_cfg = cfg.model_copy(update=overrides)
+    options = dict(num_workers=workers, use_gpu=use_gpu, storage_path=storage, max_failures=max_failures, address=address)
+    child_id = None
+    if parent is not None:
+        result, child_id = distill_on_ray_tracked(run_cfg, experiment=experiment, tracking_uri=parent.client.tracking_uri,
+                                                  parent_run_id=parent.run_id, **options)
+    else:
+        result = distill_on_ray(run_cfg, **options)
     seconds["distill"] = round(time.perf_counter() - t0, 2)
     final = result.final
     return {
         "name": cfg.name, "method": cfg.synthesis.method, "kdci": cfg.kdci.enabled, "pool": str(pool), "pool_rows": manifest["rows"],
         "dictionary": None if dictionary_path is None else str(dictionary_path), "run_dir": str(result.run_dir),
         "epochs": len(result.history), "resumed_from": result.resumed_from, "test_top1": final.get("test_top1"),
-        "test_top1_compensated": final.get("test_top1_compensated"), "seconds": seconds,
+        "test_top1_compensated": final.get("test_top1_compensated"), "seconds": seconds, "mlflow_distill_run_id": child_id,
     }
+
+
+def _log_pool(run, cfg: DistillConfig, pool: Path) -> None:
+    """The generated data, seen: a grid of images and its class proportions, plus the manifest."""
+    import tempfile
+
+    from ..engine.distill import make_source
+    from ..tracking.runs import substitution_figures
+
+    run.log_artifact(pool / "manifest.json", "pool")
+    with tempfile.TemporaryDirectory() as tmp:
+        for figure in substitution_figures(cfg, make_source(cfg), Path(tmp)):
+            run.log_artifact(figure, "figures")

@@ -41,6 +41,7 @@ from .session import actor_cpus, ensure_ray, limit_threads_to_cpu_share
 
 log = logging.getLogger(__name__)
 OUTPUTS = "outputs"  # the core's run directory inside Ray's run folder
+READ_TASK_CPUS = 0.25  # per Parquet read task of a pool run
 ATTEMPTS = "attempts.jsonl"  # in OUTPUTS: the attempts that reached the end of the loop
 
 
@@ -217,6 +218,22 @@ def _check_inputs(cfg: DistillConfig) -> None:
     check_pool_run(cfg)
 
 
+def _read_pool(ray, files: list[Path]):
+    """The pool's image column as a Ray Dataset whose read tasks take a fraction of a CPU: next to other
+    trials' Train workers (a Tune sweep on a small machine) less than one CPU may be free, and a 1-CPU read
+    task would never be scheduled (the run hangs). Ray Data's newer read path adds a file-listing task that
+    always asks for a whole CPU, so this read uses the single-operator path while it is available."""
+    context = ray.data.DataContext.get_current()
+    previous = getattr(context, "use_datasource_v2", None)
+    if previous is not None:
+        context.use_datasource_v2 = False  # the dataset keeps a copy of the context it was made under
+    try:
+        return ray.data.read_parquet([str(f) for f in files], columns=["image"], num_cpus=READ_TASK_CPUS)
+    finally:
+        if previous is not None:
+            context.use_datasource_v2 = previous
+
+
 def _newest_checkpoint(run_folder: Path) -> str | None:
     folders = sorted(run_folder.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
     return str(folders[-1]) if folders else None
@@ -276,7 +293,7 @@ def distill_on_ray(
                 f"pool = {cfg.pool}: {rows} rows over {num_workers} workers is {rows_per_worker} each, fewer than "
                 f"optim.batch_size = {cfg.optim.batch_size}; lower the batch size or the workers"
             )
-        datasets["train"] = ray.data.read_parquet([str(f) for f in files]).select_columns(["image"])
+        datasets["train"] = _read_pool(ray, files)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={
@@ -308,6 +325,45 @@ def distill_on_ray(
         resumed_from=json.loads(attempts[-1])["resumed_from"] if attempts else 0, seconds=seconds,
         workers=num_workers, use_gpu=use_gpu,
     )
+
+
+def distill_on_ray_tracked(
+    cfg: DistillConfig, *, experiment: str = "kdci", tracking_uri: str | None = None, parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None, **ray_options,
+) -> tuple[RayDistillResult, str]:
+    """`distill_on_ray` as one MLflow run (nested under `parent_run_id` when given): rank 0 logs every epoch,
+    and at the end the run's files, the student as an MLflow model and figures of the substitution data
+    (for a pool) are logged. Submitting it again continues the same MLflow run (found by its storage
+    folder); a run already logged to the end is not logged twice. Returns the result and the run id."""
+    from ..tracking.logger import MlflowRunLogger
+    from ..tracking.runs import log_finished_run
+    from ..tracking.store import client, experiment_id, tracking_uri as resolve_uri
+
+    cfg = with_absolute_paths(cfg)
+    _check_inputs(cfg)  # before any MLflow run exists
+    folder = resolve_storage(ray_options.get("storage_path")) / cfg.name
+    uri = resolve_uri(tracking_uri)
+    mlflow_client = client(uri)
+    key = {"kdci.ray_run": str(folder)}
+    run = MlflowRunLogger.find(mlflow_client, experiment_id(mlflow_client, experiment), key)
+    if run is not None and run.status == "FINISHED":
+        return distill_on_ray(cfg, **ray_options), run.run_id
+    if run is None:
+        method = cfg.synthesis.method if cfg.synthesis is not None else "pool"
+        run = MlflowRunLogger.start(
+            experiment, cfg.name, uri=uri, parent=None if parent_run_id is None else MlflowRunLogger(mlflow_client, parent_run_id),
+            tags={**key, "method": method, "kdci": str(cfg.kdci.enabled).lower(), "teacher": cfg.teacher.arch,
+                  "student": cfg.student.arch, **(tags or {})},
+        )
+        run.log_config(cfg)
+    try:
+        result = distill_on_ray(cfg, mlflow_run={"uri": uri, "run_id": run.run_id}, **ray_options)
+        log_finished_run(run, cfg, result.run_dir, make_source(cfg) if cfg.pool is not None else None)
+    except BaseException:
+        run.end("FAILED")
+        raise
+    run.end()
+    return result, run.run_id
 
 
 def _teacher_worker(config: dict) -> None:

@@ -28,6 +28,7 @@ from .train import distill_on_ray, resolve_storage
 
 log = logging.getLogger(__name__)
 _TRIAL_CPU = 0.01
+CELL = "cell"  # the search-space key that picks a trial's base config when a sweep has several (a results table)
 
 
 def _override_list(overrides: dict[str, Any]) -> list[str]:
@@ -71,9 +72,10 @@ def _domains(space: dict[str, Any], search: str) -> dict[str, Any]:
     return out
 
 
-def _trial(config: dict, base: dict, parent: dict, settings: dict) -> None:
-    """One trial: the base config with this trial's overrides, distilled on Ray Train; its epochs reach Tune
-    through TuneReportCallback and MLflow through a child run of the sweep's parent run."""
+def _trial(config: dict, bases: dict, parent: dict, settings: dict) -> None:
+    """One trial: its base config (the sweep's, or its cell's in a table) with this trial's overrides,
+    distilled on Ray Train; its epochs reach Tune through TuneReportCallback and MLflow through a child run
+    of the sweep's parent run."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -82,7 +84,8 @@ def _trial(config: dict, base: dict, parent: dict, settings: dict) -> None:
     from ..tracking.store import client
 
     overrides = dict(config)
-    raw = apply_overrides(copy.deepcopy(base), _override_list(overrides))
+    cell = overrides.pop(CELL, "")
+    raw = apply_overrides(copy.deepcopy(bases[cell]), _override_list(overrides))
     trial_id = tune.get_context().get_trial_id()
     raw["name"] = f"{raw['name']}-{trial_id}"
     prebuilt = settings.get("dictionaries", {}).get(str(raw["kdci"]["n"]))
@@ -90,10 +93,10 @@ def _trial(config: dict, base: dict, parent: dict, settings: dict) -> None:
         raw["kdci"].update(dictionary=prebuilt, rebuild_every=0)
     cfg = validate_config(DistillConfig, raw, f"trial {trial_id}")
     mlflow_client = client(parent["uri"])
-    child = _find_run(mlflow_client, parent["experiment_id"], {"kdci.trial_id": trial_id})
+    child = MlflowRunLogger.find(mlflow_client, parent["experiment_id"], {"kdci.trial_id": trial_id})
     if child is None:
         child = MlflowRunLogger.start(parent["experiment"], cfg.name, uri=parent["uri"], parent=MlflowRunLogger(mlflow_client, parent["run_id"]),
-                                      tags={"kdci.trial_id": trial_id, **{f"trial.{k}": str(v) for k, v in overrides.items()}})
+                                      tags={"kdci.trial_id": trial_id, **{f"trial.{k}": str(v) for k, v in config.items()}})
         child.log_config(cfg)
     try:
         result = distill_on_ray(
@@ -144,14 +147,6 @@ def _pool_dictionaries(cfg: DistillConfig, space: dict[str, Any], storage: Path,
     return paths
 
 
-def _find_run(mlflow_client, experiment_id: str, tags: dict[str, str]):
-    from ..tracking.logger import MlflowRunLogger
-
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = mlflow_client.search_runs([experiment_id], filter_string=query, max_results=1)
-    return MlflowRunLogger(mlflow_client, runs[0].info.run_id) if runs else None
-
-
 def sweep(
     cfg: DistillConfig,
     space: dict[str, Any],
@@ -173,11 +168,15 @@ def sweep(
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
     dictionary_shards: int = 2,
+    cells: dict[str, DistillConfig] | None = None,
+    verbose: int | None = None,
     address: str | None = None,
 ) -> dict:
     """Run the sweep (or resume it from `<storage>/<name>`); returns one row per trial and the best.
     `parent_run_id`: nest the sweep's MLflow run under that run (a quickstart or pipeline run). On a fixed
-    pool the dictionaries of the listed N are built once up front (`dictionary_shards` actors)."""
+    pool the dictionaries of the listed N are built once up front (`dictionary_shards` actors).
+    `cells`: several base configs (e.g. method x teacher/student pairs), each trial one of them (the grid
+    key "cell") with the space's overrides; `cfg` is then only the first of them."""
     from ..tracking import plots
     from ..tracking.logger import MlflowRunLogger
     from ..tracking.store import client, experiment_id, tracking_uri as resolve_uri
@@ -186,11 +185,19 @@ def sweep(
         raise ValueError(f"search = {search!r}: use grid, random or optuna")
     if scheduler not in ("asha", "fifo"):
         raise ValueError(f"scheduler = {scheduler!r}: use asha or fifo")
-    if cfg.eval_every != 1:
-        raise ValueError(f"eval_every = {cfg.eval_every}: a sweep reports {metric} every epoch; set eval_every: 1")
-    known = {"test_top1", "test_top5", "train_loss"} | ({"test_top1_compensated", "test_top5_compensated"} if cfg.kdci.enabled else set())
-    if metric not in known:
-        raise ValueError(f"metric = {metric!r}: the trials report {', '.join(sorted(known))}")
+    configs = {key: with_absolute_paths(c) for key, c in (cells or {"": cfg}).items()}
+    if not configs:
+        raise ValueError("cells is empty: give at least one base config")
+    # ASHA and Optuna compare trials on `metric` at every report: every epoch must be evaluated.
+    every_epoch = scheduler == "asha" or search == "optuna"
+    for key, c in configs.items():
+        where = f"{key}: " if key else ""
+        if every_epoch and c.eval_every != 1:
+            raise ValueError(f"{where}eval_every = {c.eval_every}: {scheduler}/{search} compares {metric} every epoch; set eval_every: 1 "
+                             "(or use --scheduler fifo with grid/random search)")
+        known = {"test_top1", "test_top5", "train_loss"} | ({"test_top1_compensated", "test_top5_compensated"} if c.kdci.enabled else set())
+        if metric not in known:
+            raise ValueError(f"{where}metric = {metric!r}: the trials report {', '.join(sorted(known))}")
     if workers_per_trial < 1:
         raise ValueError(f"workers per trial = {workers_per_trial}: need at least 1")
     if gpus_per_worker is not None and gpus_per_worker < 1 and workers_per_trial > 1:
@@ -203,13 +210,14 @@ def sweep(
             import optuna  # noqa: F401
         except ImportError:
             raise ValueError("search = optuna needs the optuna package: pip install optuna (or use --search random)") from None
-    cfg = with_absolute_paths(cfg)
-    check_space(cfg, space)
+    if CELL in space:
+        raise ValueError(f"search space {CELL}: reserved for the base config of a table's trials; name a config key")
+    for c in configs.values():
+        check_space(c, space)
+    cfg = next(iter(configs.values()))
     storage = resolve_storage(storage_path)
     name = name or f"{cfg.name}-sweep"
     uri = resolve_uri(tracking_uri)
-    if uri.startswith("sqlite:///"):
-        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"  # trial processes run elsewhere
     ray = ensure_ray(address)
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -230,26 +238,30 @@ def sweep(
     mlflow_client = client(uri)
     exp_id = experiment_id(mlflow_client, experiment)
     domains = _domains(space, search)  # before any run is created: bad ranges fail here
-    dictionaries = _pool_dictionaries(cfg, space, storage, storage / name, shards=dictionary_shards)
-    parent = _find_run(mlflow_client, exp_id, {"kdci.sweep": str(storage / name)})
-    if parent is not None and json.loads(parent.client.get_run(parent.run_id).data.tags.get("kdci.space", "{}")) != space:
+    dictionaries = {} if cells else _pool_dictionaries(cfg, space, storage, storage / name, shards=dictionary_shards)
+    sweep_tags = {"kdci.space": json.dumps(space), **({"kdci.cells": json.dumps(sorted(configs))} if cells else {})}
+    parent = MlflowRunLogger.find(mlflow_client, exp_id, {"kdci.sweep": str(storage / name)})
+    if parent is not None and any(parent.client.get_run(parent.run_id).data.tags.get(k) != v for k, v in sweep_tags.items()):
         raise ValueError(f"sweep {name} in {storage} was started with another search space; use another --name to search this one")
     if parent is None:
         outer = None if parent_run_id is None else MlflowRunLogger(mlflow_client, parent_run_id)
         parent = MlflowRunLogger.start(experiment, name, uri=uri, parent=outer,
-                                       tags={"kdci.sweep": str(storage / name), "kdci.space": json.dumps(space)})
-        parent.log_config(cfg)
+                                       tags={"kdci.sweep": str(storage / name), **sweep_tags})
+        if cells:
+            parent.log_params({f"cell.{key}": c.name for key, c in configs.items()})
+        else:
+            parent.log_config(cfg)
     settings = {"workers": workers_per_trial, "use_gpu": use_gpu, "cpus_per_worker": cpus_per_worker, "gpus_per_worker": gpus_per_worker,
                 "storage": str(storage / name / "trials"),
                 "dictionaries": dictionaries}
     # What every trial shares goes in as parameters (not in the search space: it is not searched, not shown).
     trainable = tune.with_parameters(
-        _trial, base=cfg.model_dump(mode="json"), settings=settings,
+        _trial, bases={key: c.model_dump(mode="json") for key, c in configs.items()}, settings=settings,
         parent={"uri": uri, "run_id": parent.run_id, "experiment": experiment, "experiment_id": exp_id},
     )
     # The trial function only waits on its TorchTrainer: it holds a sliver of a CPU, the Train workers the rest.
     trainable = tune.with_resources(trainable, {"CPU": _TRIAL_CPU})
-    param_space = domains
+    param_space = {CELL: tune.grid_search(list(configs)), **domains} if cells else domains
     path = storage / name
     if tune.Tuner.can_restore(str(path)):
         log.info("tune: resuming %s", path)
@@ -263,13 +275,13 @@ def sweep(
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, num_samples=num_samples, search_alg=search_alg, max_concurrent_trials=concurrent,
+                metric=metric if every_epoch else None, mode=mode if every_epoch else None, num_samples=num_samples, search_alg=search_alg, max_concurrent_trials=concurrent,
                 # max_t one past the last epoch: a trial that trains every epoch ends by itself (writing its
                 # student and final artifacts) instead of being stopped at its last report.
-                scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs + 1, grace_period=grace_period, reduction_factor=2)
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=max(c.optim.epochs for c in configs.values()) + 1, grace_period=grace_period, reduction_factor=2)
                 if scheduler == "asha" else FIFOScheduler(),
             ),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage)),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=verbose),
         )
     t0 = time.perf_counter()
     try:

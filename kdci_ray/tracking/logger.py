@@ -31,6 +31,17 @@ class MlflowRunLogger:
         log.info("mlflow: run %s (%s) in experiment %s at %s", run_name, run.info.run_id, experiment, client.tracking_uri)
         return cls(client, run.info.run_id)
 
+    @classmethod
+    def find(cls, client, experiment_id: str, tags: dict[str, str]) -> "MlflowRunLogger | None":
+        """The run carrying these tag values (how a resumed sweep or pipeline finds its runs again)."""
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = client.search_runs([experiment_id], filter_string=query, max_results=1)
+        return cls(client, runs[0].info.run_id) if runs else None
+
+    @property
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
     # -- the loop's RunLogger interface ----------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

@@ -48,14 +48,42 @@ def log_run_files(run: MlflowRunLogger, run_dir: Path) -> None:
 
 def log_outputs(run: MlflowRunLogger, cfg: DistillConfig, result: DistillResult, source=None) -> None:
     """The finished run's files, the student as an MLflow model, and figures as artifacts of `run`."""
-    log_run_files(run, result.run_dir)
-    if result.student_weights is not None:
+    log_finished_run(run, cfg, result.run_dir, source)
+
+
+def log_finished_run(run: MlflowRunLogger, cfg: DistillConfig, run_dir: Path, source=None) -> None:
+    """A run directory's files, its student as an MLflow model, and (given the substitution `source`)
+    figures of the substitution data, as artifacts of `run`."""
+    log_run_files(run, run_dir)
+    if (run_dir / "student.safetensors").is_file():
         info = dataset_info(cfg.data.dataset)
-        log_student_model(run, result.student_weights, (info.channels, info.image_size, info.image_size))
+        log_student_model(run, run_dir / "student.safetensors", (info.channels, info.image_size, info.image_size))
     if source is not None and hasattr(source, "dictionary_images"):
         with tempfile.TemporaryDirectory() as tmp:
             for figure in substitution_figures(cfg, source, Path(tmp)):
                 run.log_artifact(figure, "figures")
+
+
+@torch.no_grad()
+def student_tsne(students: dict[str, Path], cfg: DistillConfig, path: Path, limit: int = 1000, seed: int = 0) -> Path:
+    """t-SNE of the penultimate features of several students (e.g. KD vs KDCI) on the same test images,
+    one panel each, coloured by true class: how well each student separates the classes."""
+    info = dataset_info(cfg.data.dataset)
+    test = load_dataset(cfg.data.dataset, cfg.data.root, cfg.data.test_split or info.eval_split, cfg.data.download, cfg.data.limit)
+    generator = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(len(test), generator=generator)[: min(limit, len(test))].tolist()
+    images, labels = zip(*(test[i] for i in picked))
+    batch = torch.stack([torch.as_tensor(x) for x in images])
+    features = {}
+    for name, weights in students.items():
+        model, card = load_classifier(weights)
+        model.eval()
+        x = batch.float() / 255 if batch.dtype == torch.uint8 else batch.float()
+        mean = torch.tensor(card.normalize_mean or info.mean).view(1, -1, 1, 1)
+        std = torch.tensor(card.normalize_std or info.std).view(1, -1, 1, 1)
+        _, feats = model((x - mean) / std, return_features=True)
+        features[name] = feats.flatten(1).numpy()
+    return plots.tsne(features, np.asarray(labels), path, seed=seed)
 
 
 def log_student_model(run: MlflowRunLogger, weights: Path, image_shape: tuple[int, int, int]) -> None:

@@ -20,6 +20,8 @@ def tracking_uri(uri: str | None = None) -> str:
     $KDCI_STORAGE/mlflow (shared storage on a cluster) or runs/mlflow here. Inside `ray job submit` the
     working directory is a temporary copy: there a store must be named (or KDCI_STORAGE set)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and uri.startswith("sqlite:///"):  # absolute: Ray workers and trials run in other directories
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
     if uri:
         return uri
     if os.environ.get("KDCI_STORAGE"):
