@@ -128,10 +128,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def ui_command(uri: str) -> str:
-    """The command that opens the UI on `uri` (short when it is the default store)."""
-    from .tracking.store import tracking_uri
+    """The command that opens the UI on `uri` (short when it is what `kdci-ray ui` opens by default here)."""
+    import os
+    from pathlib import Path
 
-    return "kdci-ray ui" if uri == tracking_uri(None) else f"kdci-ray ui --tracking-uri {uri}"
+    from .tracking.store import DEFAULT_DIR, default_uri
+
+    default = os.environ.get("MLFLOW_TRACKING_URI") or (default_uri(Path(os.environ["KDCI_STORAGE"]) / "mlflow")
+                                                        if os.environ.get("KDCI_STORAGE") else default_uri(DEFAULT_DIR))
+    return "kdci-ray ui" if uri == default else f"kdci-ray ui --tracking-uri {uri}"
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:

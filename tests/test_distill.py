@@ -177,3 +177,51 @@ def test_mixed_precision_and_channels_last_path_runs(digits_teacher, noisy_digit
     assert result.finished and np.isfinite(final["train_loss"])
     # Measured: 78 % raw / 79 % compensated after 8 epochs (fp32: 74 / 74); chance is 10 %.
     assert final["test_top1"] > 50 and final["test_top1_compensated"] > 50
+
+
+def test_finished_history_recognises_only_the_same_finished_run(digits_teacher, noisy_digits, tmp_path):
+    """What lets a launcher skip starting workers: the same config, finished, same teacher content, no
+    input changed since; anything else (more epochs, another teacher file, a newer pool) is not finished."""
+    import os
+    import shutil
+    import time
+
+    from kdci_ray.engine.distill import config_identity, finished_history
+
+    cfg = config(digits_teacher, tmp_path, "done", **{"optim.epochs": 2})
+    run_dir = tmp_path / "done"
+    assert finished_history(cfg, run_dir) is None  # nothing there yet
+    result = distill(cfg, SubstitutionSet(noisy_digits[:256], seed=0))
+    assert finished_history(cfg, run_dir) == result.history
+    assert finished_history(cfg.model_copy(update={"device": "cpu", "eval_every": 3}), run_dir) == result.history  # where/how fields
+    more = config(digits_teacher, tmp_path, "done", **{"optim.epochs": 3})
+    assert finished_history(more, run_dir) is None and config_identity(more) != config_identity(cfg)
+
+    # Same path, other content: a retrained teacher is not the one this student learned from.
+    other = tmp_path / "teacher" / "digits_cnn.safetensors"
+    other.parent.mkdir()
+    shutil.copy(digits_teacher, other)
+    shutil.copy(digits_teacher.with_suffix(".json"), other.with_suffix(".json"))
+    moved = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"weights": other})})
+    assert finished_history(moved, run_dir) == result.history  # a copy: the same teacher
+    from kdci_ray.models import load_classifier, save_classifier
+
+    model, card = load_classifier(other)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    save_classifier(model, other, card, overwrite=True)
+    assert finished_history(moved, run_dir) is None
+
+    # A pool written after the run finished (regenerated, grown) is new input.
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    (pool / "part-00000.parquet").write_bytes(b"")
+    old = time.time() - 3600
+    os.utime(pool / "part-00000.parquet", (old, old))
+    pooled = cfg.model_copy(update={"pool": pool})
+    (run_dir / "config.yaml").write_text((run_dir / "config.yaml").read_text() + f"pool: {pool}\n")
+    assert finished_history(pooled, run_dir) == result.history
+    os.utime(pool / "part-00000.parquet")  # touched now: newer than metrics.json
+    assert finished_history(pooled, run_dir) is None
+    (run_dir / "metrics.json").write_text('[{"epoch": 2')  # cut short by a crash
+    assert finished_history(cfg, run_dir) is None

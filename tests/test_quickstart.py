@@ -27,7 +27,8 @@ def test_quickstart_runs_every_stage_and_records_them_in_mlflow(tmp_path):
     assert summary["kd"]["epochs"] == 2 and summary["kdci"]["test_top1_compensated"] is not None
     assert sorted((r["kdci.n"], r["kdci.alpha"]) for r in summary["sweep"]) == [(4, 0.5), (4, 1.0), (8, 0.5), (8, 1.0)]
     assert not [r for r in summary["sweep"] if r["error"]]
-    folder = tmp_path / "ray" / "quickstart"
+    folder = Path(summary["storage"])
+    assert folder.parent == tmp_path / "ray" / "quickstart"
     assert (folder / "summary.md").read_text().count("\n|") >= 8
 
     from kdci_ray.tracking.store import client

@@ -64,12 +64,18 @@ def test_ddp_distillation_trains_checkpoints_and_does_not_restart_a_finished_run
     assert state["dictionary"]["epoch"] == 3 and meta["extra"]["ranks"] == 2
     assert meta["samples"] == 2 * 128 * (1 + 3)
 
-    # The same name again: resumed from the final checkpoint, nothing trained, nothing rewritten.
+    # The same name again: the finished outputs are returned, nothing trained or rewritten, no worker started —
+    # also when Ray had not registered the last checkpoint (a driver killed right after the last epoch).
     metrics_before = (result.run_dir / "metrics.json").read_text()
     again = distill_on_ray(cfg, num_workers=2, storage_path=tmp_path)
-    assert again.resumed_from == 4 and again.history == history and again.seconds == 0  # no workers started
+    assert again.resumed_from == 4 and again.history == history and again.seconds == 0
     assert ray_checkpoints(result.storage) == kept
     assert (result.run_dir / "metrics.json").read_text() == metrics_before
+    import shutil
+
+    shutil.rmtree(kept[-1])
+    again = distill_on_ray(cfg, num_workers=2, storage_path=tmp_path)
+    assert again.history == history and again.seconds == 0 and (result.run_dir / "metrics.json").read_text() == metrics_before
 
 
 def _train_worker_pids() -> list[int]:

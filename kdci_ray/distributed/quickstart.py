@@ -6,7 +6,8 @@
     4. distillation on Ray Train (2 DDP workers): the baseline with KDCI off, then on
     5. a Tune sweep over the dictionary size N and the fusion weight alpha (ASHA)
 
-all on a local Ray, tracked in the embedded MLflow store as one parent run with the stages as children;
+all on a local Ray, tracked in the embedded MLflow store as one parent run (teacher accuracy, the t-SNE of
+both students, the summary) with the two distillations and the sweep as child runs;
 ends with a summary table and the command that opens the MLflow UI. Running it again continues where it
 stopped (finished stages return at once).
 """
@@ -95,18 +96,19 @@ def quickstart(
         raise ValueError(f"size = {size!r}: use one of {', '.join(SIZES)}")
     plan = SIZES[size]
     storage = resolve_storage(storage_path)
-    folder = storage / "quickstart"
     uri = resolve_uri(tracking_uri)
     progress = _Progress(7)
 
     # Both configs parsed before any work: a bad file fails here.
+    base = load_config(_find_config(config), DistillConfig)
+    if base.synthesis is None or base.synthesis.method == "dfnd":
+        raise ValueError(f"{config}: the quickstart generates with a synthesizing DFKD method (dafl, deepinv, fast, cmi, mosaickd)")
+    method = base.synthesis.method
+    folder = storage / "quickstart" / f"{base.name}-{size}"  # another config or size: another folder, nothing mixed
     teacher_cfg = load_config(_find_config(TEACHER_CONFIG), TeacherTrainConfig, [
         "name=digits_cnn", f"output.dir={folder / 'teacher'}", f"optim.epochs={plan.teacher_epochs}"])
     base = load_config(_find_config(config), DistillConfig, [
         f"teacher.weights={folder / 'teacher' / 'digits_cnn.safetensors'}", f"optim.epochs={plan.distill_epochs}"])
-    if base.synthesis is None or base.synthesis.method == "dfnd":
-        raise ValueError(f"{config}: the quickstart generates with a synthesizing DFKD method (dafl, deepinv, fast, cmi, mosaickd)")
-    method = base.synthesis.method
 
     mlflow_client = client(uri)
     tags = {"kdci.quickstart": str(folder)}
@@ -126,14 +128,15 @@ def quickstart(
             from ..models import load_classifier
 
             teacher_top1 = load_classifier(weights)[1].accuracy
-            progress.done(f"kept {weights} (top-1 {teacher_top1:.1f} %)")
+            progress.done(f"kept {weights} (top-1 {_fmt(teacher_top1)} %)")
         else:
             from ..engine.teacher import train_teacher
 
             teacher_top1 = train_teacher(teacher_cfg)["top1"]
             progress.done(f"top-1 {teacher_top1:.1f} % -> {weights}")
         seconds["teacher"] = round(time.perf_counter() - t0, 1)
-        parent.log_metrics({"teacher_top1": float(teacher_top1)}, step=0)
+        if teacher_top1 is not None:
+            parent.log_metrics({"teacher_top1": float(teacher_top1)}, step=0)
 
         ensure_ray(address)
         base = with_absolute_paths(base.model_copy(update={"name": f"quickstart-{method}"}))
@@ -188,15 +191,21 @@ def quickstart(
             on_pool.model_copy(update={"optim": base.optim.model_copy(update={"epochs": plan.sweep_epochs})}), space,
             scheduler="asha", grace_period=max(1, plan.sweep_epochs // 2), max_concurrent_trials=2, workers_per_trial=1,
             storage_path=folder / "tune", name="sweep", experiment=experiment, tracking_uri=uri, parent_run_id=parent.run_id,
-            dictionary_shards=workers, verbose=1,
+            dictionary_shards=workers, dictionary_cache=folder / "dictionaries", verbose=1,
         )
         seconds["sweep"] = round(time.perf_counter() - t0, 1)
         progress.done(f"{len(swept['trials'])} trials in {seconds['sweep']:.0f} s")
+
+        progress("summary")
+        summary = _summarize(parent, folder, size, method, teacher_top1, manifest, runs, swept, seconds, uri, experiment)
     except BaseException:
         parent.end("FAILED")
         raise
+    parent.end()
+    return summary
 
-    progress("summary")
+
+def _summarize(parent, folder: Path, size, method, teacher_top1, manifest, runs, swept, seconds, uri, experiment) -> dict:
     summary = {
         "size": size, "method": method, "teacher_top1": teacher_top1, "pool_rows": manifest["rows"],
         "kd": _scores(runs["off"].final), "kdci": _scores(runs["on"].final),
@@ -211,7 +220,6 @@ def quickstart(
     parent.log_artifact(folder / "summary.md")
     parent.log_metrics({"kd_test_top1": summary["kd"]["test_top1"], "kdci_test_top1": summary["kdci"]["test_top1"],
                         "total_seconds": summary["total_seconds"]}, step=0)
-    parent.end()
     return summary
 
 
@@ -230,7 +238,7 @@ def _fmt(value) -> str:
 def summary_table(summary: dict) -> str:
     """The summary as Markdown: the KD / KDCI comparison, the sweep's trials, stage times, and where to look."""
     lines = [
-        f"teacher digits_cnn: top-1 {summary['teacher_top1']:.2f} %; substitution data: {summary['pool_rows']} {summary['method']} images",
+        f"teacher digits_cnn: top-1 {_fmt(summary['teacher_top1'])} %; substitution data: {summary['pool_rows']} {summary['method']} images",
         "",
         "| student (digits_cnn_small) | top-1 % | compensated top-1 % |",
         "|---|---|---|",

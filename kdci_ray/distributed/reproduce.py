@@ -54,7 +54,7 @@ def reproduce(
     summary = sweep(
         next(iter(cells.values())), space, cells=cells, search="grid", scheduler="fifo", metric="test_top1",
         max_concurrent_trials=table.max_concurrent, workers_per_trial=table.workers_per_trial,
-        gpus_per_worker=table.gpus_per_trial, use_gpu=None if table.gpus_per_trial else False,
+        gpus_per_worker=table.gpus_per_trial, use_gpu=table.gpus_per_trial is not None,
         storage_path=storage_path, name=table.name, experiment=experiment, tracking_uri=tracking_uri, verbose=1, address=address,
     )
     rows = table_rows(table, summary["trials"])

@@ -346,9 +346,11 @@ def distill_on_ray_tracked(
     mlflow_client = client(uri)
     key = {"kdci.ray_run": str(folder)}
     run = MlflowRunLogger.find(mlflow_client, experiment_id(mlflow_client, experiment), key)
-    if run is not None and run.status == "FINISHED":
-        return distill_on_ray(cfg, **ray_options), run.run_id
-    if run is None:
+    if run is not None and run.status == "FINISHED" and finished_history(cfg, folder / OUTPUTS) is not None:
+        return distill_on_ray(cfg, **ray_options), run.run_id  # logged to the end before: returns without training
+    if run is not None:  # continue the same MLflow run (its earlier epochs are there)
+        mlflow_client.update_run(run.run_id, status="RUNNING")
+    else:
         method = cfg.synthesis.method if cfg.synthesis is not None else "pool"
         run = MlflowRunLogger.start(
             experiment, cfg.name, uri=uri, parent=None if parent_run_id is None else MlflowRunLogger(mlflow_client, parent_run_id),

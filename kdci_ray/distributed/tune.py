@@ -94,6 +94,11 @@ def _trial(config: dict, bases: dict, parent: dict, settings: dict) -> None:
     cfg = validate_config(DistillConfig, raw, f"trial {trial_id}")
     mlflow_client = client(parent["uri"])
     child = MlflowRunLogger.find(mlflow_client, parent["experiment_id"], {"kdci.trial_id": trial_id})
+    if child is not None and child.status == "FINISHED":
+        # Logged to the end before the sweep was killed (Tune had not recorded the trial): report, log nothing twice.
+        result = distill_on_ray(cfg, num_workers=settings["workers"], use_gpu=settings["use_gpu"], storage_path=settings["storage"])
+        tune.report({k: float(v) for k, v in result.final.items() if isinstance(v, (int, float))})
+        return
     if child is None:
         child = MlflowRunLogger.start(parent["experiment"], cfg.name, uri=parent["uri"], parent=MlflowRunLogger(mlflow_client, parent["run_id"]),
                                       tags={"kdci.trial_id": trial_id, **{f"trial.{k}": str(v) for k, v in config.items()}})
@@ -122,17 +127,21 @@ def _trial(config: dict, bases: dict, parent: dict, settings: dict) -> None:
     child.end()
 
 
-# Keys that change what a dictionary is (beyond N): a sweep over one of them builds dictionaries per trial.
-_DICTIONARY_KEYS = {"seed", "kdci.feature", "kdci.niter", "kdci.nredo", "kdci.pca_dim", "kdci.max_train_points", "kdci.dictionary", "pool"}
+# Keys that change what a dictionary is or how a run uses it (beyond N): a sweep over one of them leaves
+# the dictionaries to the trials.
+_DICTIONARY_KEYS = {"seed", "pool", "kdci.feature", "kdci.niter", "kdci.nredo", "kdci.pca_dim", "kdci.max_train_points",
+                    "kdci.dictionary", "kdci.rebuild_every"}
+_DICTIONARY_SECTIONS = ("teacher.", "data.")
 
 
-def _pool_dictionaries(cfg: DistillConfig, space: dict[str, Any], storage: Path, folder: Path, shards: int) -> dict[str, str]:
-    """On a fixed pool, the dictionary of every N the sweep can try, built once (and cached under
-    `storage`/dictionaries across sweeps) instead of once per trial; {} where trials must build their own."""
+def _pool_dictionaries(cfg: DistillConfig, space: dict[str, Any], cache: Path, folder: Path, shards: int) -> dict[str, str]:
+    """On a fixed pool, the dictionary of every N the sweep can try, built once (and cached in `cache`
+    across sweeps) instead of once per trial; {} where trials must build their own."""
     n_spec = space.get("kdci.n", [cfg.kdci.n])
     kdci_values = space.get("kdci.enabled", [cfg.kdci.enabled])
     if (cfg.pool is None or cfg.kdci.dictionary is not None or not isinstance(n_spec, list)
-            or not isinstance(kdci_values, list) or not any(kdci_values) or _DICTIONARY_KEYS & set(space)):
+            or not isinstance(kdci_values, list) or not any(kdci_values) or _DICTIONARY_KEYS & set(space)
+            or any(key.startswith(_DICTIONARY_SECTIONS) for key in space)):
         return {}
     from ..engine.distill import load_models
     from ..engine.runtime import resolve_runtime
@@ -141,7 +150,7 @@ def _pool_dictionaries(cfg: DistillConfig, space: dict[str, Any], storage: Path,
     teacher_id = load_models(cfg, resolve_runtime("cpu")).teacher_id
     paths = {}
     for n in sorted(set(n_spec)):
-        dictionary = dictionary_for_config(cfg, cfg.pool, teacher=teacher_id, cache_dir=storage / "dictionaries", shards=shards, n=int(n))
+        dictionary = dictionary_for_config(cfg, cfg.pool, teacher=teacher_id, cache_dir=cache, shards=shards, n=int(n))
         paths[str(n)] = str(dictionary.save(folder / "dictionaries" / f"dictionary-n{n}.safetensors"))
     log.info("tune: dictionaries for N in %s built on the pool (trials load them)", sorted(set(n_spec)))
     return paths
@@ -168,13 +177,15 @@ def sweep(
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
     dictionary_shards: int = 2,
+    dictionary_cache: str | Path | None = None,
     cells: dict[str, DistillConfig] | None = None,
     verbose: int | None = None,
     address: str | None = None,
 ) -> dict:
     """Run the sweep (or resume it from `<storage>/<name>`); returns one row per trial and the best.
     `parent_run_id`: nest the sweep's MLflow run under that run (a quickstart or pipeline run). On a fixed
-    pool the dictionaries of the listed N are built once up front (`dictionary_shards` actors).
+    pool the dictionaries of the listed N are built once up front (`dictionary_shards` actors, cached in
+    `dictionary_cache`, default `<storage>/dictionaries`).
     `cells`: several base configs (e.g. method x teacher/student pairs), each trial one of them (the grid
     key "cell") with the space's overrides; `cfg` is then only the first of them."""
     from ..tracking import plots
@@ -238,11 +249,15 @@ def sweep(
     mlflow_client = client(uri)
     exp_id = experiment_id(mlflow_client, experiment)
     domains = _domains(space, search)  # before any run is created: bad ranges fail here
-    dictionaries = {} if cells else _pool_dictionaries(cfg, space, storage, storage / name, shards=dictionary_shards)
-    sweep_tags = {"kdci.space": json.dumps(space), **({"kdci.cells": json.dumps(sorted(configs))} if cells else {})}
+    from ..engine.distill import config_identity
+
+    sweep_tags = {"kdci.space": json.dumps(space), "kdci.configs": json.dumps({k: config_identity(c) for k, c in sorted(configs.items())})}
     parent = MlflowRunLogger.find(mlflow_client, exp_id, {"kdci.sweep": str(storage / name)})
     if parent is not None and any(parent.client.get_run(parent.run_id).data.tags.get(k) != v for k, v in sweep_tags.items()):
-        raise ValueError(f"sweep {name} in {storage} was started with another search space; use another --name to search this one")
+        raise ValueError(f"sweep {name} in {storage} was started with another search space or config; give this one another name "
+                         "(kdci-ray tune --name, kdci-ray reproduce --table-set name=...) or remove that folder to start over")
+    dictionaries = {} if cells else _pool_dictionaries(cfg, space, dictionary_cache or storage / "dictionaries", storage / name,
+                                                       shards=dictionary_shards)
     if parent is None:
         outer = None if parent_run_id is None else MlflowRunLogger(mlflow_client, parent_run_id)
         parent = MlflowRunLogger.start(experiment, name, uri=uri, parent=outer,

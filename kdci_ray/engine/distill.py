@@ -68,7 +68,7 @@ _RESUME_FREE = {
 # What the loop writes into a run directory (removed by output.overwrite=true, and nothing else).
 _RUN_FILES = (
     "checkpoint.pt", "checkpoint.pt.tmp", "student.safetensors", "student.json", "dictionary.safetensors", "metrics.json",
-    "config.yaml", "pool.parquet", "pool.parquet.tmp",
+    "config.yaml", "pool.parquet", "pool.parquet.tmp", "metrics.json.tmp",
 )
 
 
@@ -141,6 +141,17 @@ def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
         elif a != b:
             diffs.append(f"{prefix}{key}: checkpoint has {a!r}, config has {b!r}")
     return diffs
+
+
+def config_identity(cfg: DistillConfig) -> str:
+    """A short hash of what a config trains (the fields a resumption may not change): equal for two configs
+    exactly when one run could continue the other."""
+    import hashlib
+
+    def strip(raw: dict, prefix: str = "") -> dict:
+        return {k: strip(v, f"{prefix}{k}.") if isinstance(v, dict) else v for k, v in sorted(raw.items()) if f"{prefix}{k}" not in _RESUME_FREE}
+
+    return hashlib.sha256(json.dumps(strip(cfg.model_dump(mode="json")), default=str).encode()).hexdigest()[:16]
 
 
 def kd_step(distiller: Distiller, optimizer: torch.optim.Optimizer, x: torch.Tensor, runtime: Runtime, scaler=None, extra_optimizers=()):
@@ -567,25 +578,41 @@ def _finished(run: _Run, result: DistillResult) -> DistillResult:
     )
     if run.dictionary is not None:
         result.dictionary_path = run.dictionary.save(run_dir / "dictionary.safetensors")
-    (run_dir / "metrics.json").write_text(json.dumps(result.history, indent=1))
+    metrics = run_dir / "metrics.json"  # last, and atomically: its presence marks the run finished
+    metrics.with_name("metrics.json.tmp").write_text(json.dumps(result.history, indent=1))
+    metrics.with_name("metrics.json.tmp").replace(metrics)
     return result
 
 
 def finished_history(cfg: DistillConfig, run_dir: Path) -> list[dict] | None:
-    """The history of a run of `cfg` that already finished in `run_dir` (its final files written, the
-    same config up to where/how fields), else None. Lets a launcher return a finished run without
-    starting workers, even when the launcher was killed before it recorded the end itself."""
+    """The history of a run of `cfg` that already finished in `run_dir`, else None: its final files written,
+    the same config up to where/how fields, the same teacher (content hash on the student's card), and
+    no input (pool, prebuilt dictionary) changed since it finished. Lets a launcher return a finished run
+    without starting workers, even when it was killed before it recorded the end itself; anything else
+    goes through the full resume path, which checks and explains."""
     from ..config import load_config
 
     run_dir = Path(run_dir)
-    files = [run_dir / name for name in ("metrics.json", "student.safetensors", "config.yaml")]
-    if not all(f.is_file() for f in files):
+    metrics, card_file, config_file = run_dir / "metrics.json", run_dir / "student.json", run_dir / "config.yaml"
+    if not all(f.is_file() for f in (metrics, card_file, config_file, run_dir / "student.safetensors")):
         return None
-    history = json.loads(files[0].read_text())
+    try:
+        history = json.loads(metrics.read_text())
+        card = json.loads(card_file.read_text())
+        saved = load_config(config_file, DistillConfig)
+    except (ValueError, OSError):  # a file cut short by a crash: not finished
+        return None
     if not history or history[-1].get("epoch") != cfg.optim.epochs:
         return None
-    saved = load_config(files[2], DistillConfig)
     if _config_diff(saved.model_dump(mode="json"), cfg.model_dump(mode="json")):
+        return None
+    finished_at = metrics.stat().st_mtime
+    inputs = [Path(p) for p in (cfg.pool, cfg.kdci.dictionary) if p is not None]
+    inputs = [f for p in inputs for f in ([p] if p.is_file() else p.glob("*.parquet"))]
+    if any(f.stat().st_mtime > finished_at for f in inputs):
+        return None
+    teacher, _ = load_classifier(cfg.teacher.weights, cfg.teacher.arch, map_location="cpu")
+    if card.get("teacher_id") != teacher_fingerprint(teacher):  # the card keeps its extras at the top level
         return None
     return history
 

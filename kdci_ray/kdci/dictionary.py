@@ -15,6 +15,7 @@ Saved as one safetensors file (tensors + JSON metadata): no pickle, safe to load
 
 from __future__ import annotations
 
+import filecmp
 import json
 import logging
 import os
@@ -99,6 +100,9 @@ class ConfounderDictionary:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: concurrent builds of one cache key
         save_file(self.tensors(), str(tmp), metadata={_META_KEY: self.meta_json()})
+        if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
+            tmp.unlink()  # the same dictionary: the file (and its mtime, which runs compare) stays as it was
+            return path
         tmp.replace(path)  # atomic: a crash never leaves a half-written dictionary under the real name
         return path
 

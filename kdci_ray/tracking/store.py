@@ -21,7 +21,11 @@ def tracking_uri(uri: str | None = None) -> str:
     working directory is a temporary copy: there a store must be named (or KDCI_STORAGE set)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri and uri.startswith("sqlite:///"):  # absolute: Ray workers and trials run in other directories
-        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_absolute() and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+            raise ValueError(f"tracking URI {uri}: inside `ray job submit` the working directory is a temporary copy; "
+                             "give the sqlite file as an absolute path on shared storage (sqlite:////abs/path/mlflow.db)")
+        return f"sqlite:///{path.resolve()}"
     if uri:
         return uri
     if os.environ.get("KDCI_STORAGE"):
