@@ -110,6 +110,11 @@ def test_bad_sweep_settings_fail_before_ray_starts(digits_teacher, tmp_path):
         sweep(cfg, space, gpus_per_worker=0.5, workers_per_trial=2, storage_path=tmp_path)
     with pytest.raises(ValueError, match="at least 1"):
         sweep(cfg, space, workers_per_trial=0, storage_path=tmp_path)
+    import importlib.util
+
+    if importlib.util.find_spec("optuna") is None:  # an optional extra (not installed by the test extra)
+        with pytest.raises(ValueError, match=r"\.\[optuna\]"):
+            sweep(cfg, space, search="optuna", storage_path=tmp_path)
     with pytest.raises(ValueError, match="--space"):
         parse_space_args(["kdci.n=[8, 16"])
     assert parse_space_args(["kdci.n=[8, 16]", "kdci.alpha={uniform: [0.1, 2]}", "kd.temperature=4"]) == {

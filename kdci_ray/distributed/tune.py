@@ -220,7 +220,7 @@ def sweep(
         try:
             import optuna  # noqa: F401
         except ImportError:
-            raise ValueError("search = optuna needs the optuna package: pip install optuna (or use --search random)") from None
+            raise ValueError("search = optuna needs the optuna package: pip install -e \".[optuna]\" (or use --search random)") from None
     if CELL in space:
         raise ValueError(f"search space {CELL}: reserved for the base config of a table's trials; name a config key")
     for c in configs.values():
