@@ -96,7 +96,8 @@ def _trial(config: dict, bases: dict, parent: dict, settings: dict) -> None:
     child = MlflowRunLogger.find(mlflow_client, parent["experiment_id"], {"kdci.trial_id": trial_id})
     if child is not None and child.status == "FINISHED":
         # Logged to the end before the sweep was killed (Tune had not recorded the trial): report, log nothing twice.
-        result = distill_on_ray(cfg, num_workers=settings["workers"], use_gpu=settings["use_gpu"], storage_path=settings["storage"])
+        result = distill_on_ray(cfg, num_workers=settings["workers"], use_gpu=settings["use_gpu"], cpus_per_worker=settings["cpus_per_worker"],
+                                gpus_per_worker=settings["gpus_per_worker"], storage_path=settings["storage"], max_failures=0)
         tune.report({k: float(v) for k, v in result.final.items() if isinstance(v, (int, float))})
         return
     if child is None:
