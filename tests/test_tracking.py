@@ -111,3 +111,18 @@ def test_ui_serves_the_runs_on_localhost(tmp_path):
     finally:  # the server and the workers it started
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_logging_a_model_leaves_the_default_store_alone(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI: after logging the student model the variable must be
+    as it was (unset here), or every later default lookup in the process would go to MLflow's own default."""
+    from kdci_ray.models import ModelCard, create_model, save_classifier
+    from kdci_ray.tracking import MlflowRunLogger
+    from kdci_ray.tracking.runs import log_student_model
+
+    weights = save_classifier(create_model("digits_cnn_small", num_classes=10, in_channels=1), tmp_path / "s.safetensors",
+                              ModelCard(arch="digits_cnn_small", num_classes=10, dataset="digits", in_channels=1))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with MlflowRunLogger.start("kdci-test", "model", uri=f"sqlite:///{tmp_path / 'mlflow.db'}") as run:
+        log_student_model(run, weights, (1, 8, 8))
+    assert "MLFLOW_TRACKING_URI" not in os.environ

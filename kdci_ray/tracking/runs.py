@@ -5,6 +5,7 @@ metrics.json and figures (substitution images, class proportions against the ori
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -93,6 +94,7 @@ def log_student_model(run: MlflowRunLogger, weights: Path, image_shape: tuple[in
 
     student, _ = load_classifier(weights)
     previous = mlflow.get_tracking_uri()
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri writes the env var: put it back as it was
     mlflow.set_tracking_uri(run.client.tracking_uri)
     try:
         with mlflow.start_run(run_id=run.run_id):
@@ -103,6 +105,10 @@ def log_student_model(run: MlflowRunLogger, weights: Path, image_shape: tuple[in
             )
     finally:
         mlflow.set_tracking_uri(previous)
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
 @torch.no_grad()
