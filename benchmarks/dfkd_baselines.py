@@ -25,9 +25,6 @@ import faiss  # noqa: F401  (faiss before torch: their OpenMP runtimes otherwise
 import argparse
 import json
 import logging
-import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -35,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from _report import command_line, device_name, results_path
 from kdci_ray.config import DistillConfig, load_config
 from kdci_ray.engine.distill import distill_from_config
 from kdci_ray.synthesis import SYNTHESIZERS
@@ -107,13 +105,10 @@ def main(argv=None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         SYNTHESIZERS.get(m)  # unknown names fail before any run
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    command = "python benchmarks/dfkd_baselines.py" + ("" if argv is None and len(sys.argv) < 2 else " " + shlex.join(sys.argv[1:] if argv is None else argv))
+    device = device_name()
+    command = command_line("dfkd_baselines.py", argv)
     tag = "gpu" if torch.cuda.is_available() else "cpu"
-    out = Path(args.out) if args.out else (
-        Path(os.environ["OUT"]) / "dfkd_baselines.json" if os.environ.get("OUT") else REPO / "benchmarks" / "results" / f"dfkd_baselines-{args.dataset}-{tag}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = results_path(args.out, "dfkd_baselines", f"dfkd_baselines-{args.dataset}-{tag}")
     header = f"{'method':8} {'KDCI':5} {'top-1':>7} {'comp.':>7} {'wall s':>8} {'KD img/s':>9}"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from _report import results_path
 from kdci_ray.engine.distill import kd_step
 from kdci_ray.engine.runtime import resolve_runtime
 from kdci_ray.kdci import CausalIntervention, Distiller, build_dictionary_from_arrays
@@ -225,11 +226,7 @@ def main(argv=None) -> dict:
     print(f"overhead: time {result['time_overhead_pct']:+.2f} %, memory {result['memory_overhead_pct']:+.2f} %, "
           f"FLOPs {result['flop_overhead_pct']:+.4f} % "
           f"({result['runtime']}, batch {args.batch}, N {dictionary.n}; paper: < 3.3 %)")
-    out = Path(args.out) if args.out else (
-        Path(os.environ["OUT"]) / "kdci_overhead.json" if os.environ.get("OUT")
-        else REPO / "benchmarks" / "results" / f"kdci_overhead-{runtime.device.type}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = results_path(args.out, "kdci_overhead", f"kdci_overhead-{runtime.device.type}")
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return result

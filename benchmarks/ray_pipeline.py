@@ -14,10 +14,7 @@ from __future__ import annotations
 import faiss  # noqa: F401  (before torch)
 
 import argparse
-import json
 import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -29,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from _report import command_line, device_name, write_result  # noqa: E402
 from kdci_ray.config import DistillConfig, load_config  # noqa: E402
 from kdci_ray.distributed import build_dictionary_distributed, distill_on_ray, ensure_ray, generate  # noqa: E402
 from kdci_ray.synthesis import read_pool_parquet, write_pool_parquet  # noqa: E402
@@ -115,8 +113,8 @@ def main(argv=None) -> int:
         print(f"{r['workers']:>7} {r['generation_images_per_s']:>10.1f} {r['generation_speedup']:>5.2f} {r['kmeans_seconds']:>10.2f} "
               f"{r['kmeans_speedup']:>5.2f} {r['distill_images_per_s']:>9.1f} {r['distill_speedup']:>5.2f} {r['distill_seconds']:>9.1f}  "
               f"{r['kmeans_phase_seconds']}")
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()}, {os.cpu_count()} cores, Ray CPUs {cpus})"
-    command = "python benchmarks/ray_pipeline.py" + ("" if argv is None and len(sys.argv) < 2 else " " + shlex.join(sys.argv[1:] if argv is None else argv))
+    device = device_name(f", Ray CPUs {cpus}")
+    command = command_line("ray_pipeline.py", argv)
     result = {"benchmark": "ray_pipeline", "device": device, "torch": torch.__version__, "command": command,
               "generation": {"config": Path(args.config).name, "overrides": args.set, "shards": args.shards, "calls_per_shard": args.calls},
               "kmeans": {"rows": args.rows, "n": args.n, "dim": 10, "max_train_points": 100_000},
@@ -124,10 +122,7 @@ def main(argv=None) -> int:
                           "student": cfg.student.arch, "note": "images_per_s: mean over epochs after the first, all workers together"},
               "runs": rows}
     tag = "gpu" if torch.cuda.is_available() else "cpu"
-    out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "ray_pipeline.json" if os.environ.get("OUT") else REPO / "benchmarks" / "results" / f"ray_pipeline-{tag}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result(result, args.out, "ray_pipeline", f"ray_pipeline-{tag}")
     return 0
 
 

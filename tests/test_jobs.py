@@ -33,6 +33,20 @@ def test_synthesize_then_build_dictionary_jobs_on_a_local_ray(digits_teacher, tm
     assert rc == 0, err[-3000:]
     built = json.loads(line)
     assert built["n"] == 8 and built["samples"] == 64 and (tmp_path / "dictionary.safetensors").is_file()
+    # Distillation on Ray Train on that pool with that dictionary, recorded as one MLflow run.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc, line, err = job("jobs/distill.py", *common, "--set", f"pool={tmp_path / 'pool'}", "--set", "kdci.n=8",
+                        "--set", f"kdci.dictionary={tmp_path / 'dictionary.safetensors'}", "--set", "kdci.rebuild_every=0",
+                        "--set", "optim.epochs=1", "--set", "optim.batch_size=16", "--set", "name=from-job", "--workers", 1,
+                        "--storage", tmp_path / "ray", "--tracking-uri", uri)
+    assert rc == 0, err[-3000:]
+    trained = json.loads(line)
+    assert trained["epochs"] == 1 and trained["test_top1_compensated"] is not None
+    assert Path(trained["run_dir"]) == tmp_path / "ray" / "from-job" / "outputs"
+    from kdci_ray.tracking.store import client
+
+    record = client(uri).get_run(trained["mlflow_run_id"])
+    assert record.info.status == "FINISHED" and record.data.params["kdci.dictionary"] == str(tmp_path / "dictionary.safetensors")
     # A second run into the same folder is refused with a one-line message (exit 2), nothing overwritten.
     before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "pool").iterdir())
     rc, _, err = job("jobs/synthesize.py", *common, "--out", tmp_path / "pool")

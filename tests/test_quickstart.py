@@ -42,6 +42,11 @@ def test_quickstart_runs_every_stage_and_records_them_in_mlflow(tmp_path):
     assert set(children) == {"quickstart-deepinv-kd", "quickstart-deepinv-kdci", "sweep"}
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == children["sweep"].info.run_id]
     assert len(trials) == 2 and all("test_top1" in t.data.metrics for t in trials)
+    for t in trials:  # each N's dictionary built once for the sweep on its pool, loaded by the trials (not rebuilt)
+        assert t.data.params["kdci.dictionary"].endswith(f"dictionary-n{t.data.params['kdci.n']}.safetensors")
+        assert t.data.params["kdci.rebuild_every"] == "0"
+    assert {"figures/substitution_images.png", "figures/class_proportions.png", "figures/top1_vs_n.png"} <= {
+        a.path for a in mlflow.list_artifacts(children["sweep"].info.run_id, "figures")}
     assert {a.path for a in mlflow.list_artifacts(top.info.run_id, "figures")} == {"figures/student_tsne.png"}
     assert {"summary.json", "summary.md"} <= {a.path for a in mlflow.list_artifacts(top.info.run_id)}
     kdci = children["quickstart-deepinv-kdci"]

@@ -4,7 +4,6 @@ the registry, so a new method is tested by registering it and adding its tiny se
 import faiss  # noqa: F401  (before torch)
 import copy
 
-import numpy as np
 import pytest
 import torch
 

@@ -126,3 +126,28 @@ def test_logging_a_model_leaves_the_default_store_alone(tmp_path, monkeypatch):
     with MlflowRunLogger.start("kdci-test", "model", uri=f"sqlite:///{tmp_path / 'mlflow.db'}") as run:
         log_student_model(run, weights, (1, 8, 8))
     assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_the_default_store_is_an_embedded_sqlite_database_in_a_predictable_place(tmp_path, monkeypatch):
+    """Nothing named: runs/mlflow/mlflow.db under the working directory (artifacts beside it), or under
+    $KDCI_STORAGE/mlflow on a cluster; a run written there is read back from the same place."""
+    from kdci_ray.tracking import MlflowRunLogger
+    from kdci_ray.tracking.store import client, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.delenv("KDCI_STORAGE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri() == f"sqlite:///{tmp_path / 'runs' / 'mlflow' / 'mlflow.db'}"
+    with MlflowRunLogger.start("kdci-default", "here") as run:
+        run.log_metrics({"test_top1": 50.0}, step=1)
+        run.log_artifact(Path(__file__), "files")
+    assert (tmp_path / "runs" / "mlflow" / "mlflow.db").is_file()
+    assert list((tmp_path / "runs" / "mlflow" / "artifacts").glob(f"{run.run_id}/artifacts/files/test_tracking.py"))
+    assert client().get_run(run.run_id).data.metrics == {"test_top1": 50.0}
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+    monkeypatch.setenv("KDCI_STORAGE", str(tmp_path / "shared"))
+    assert tracking_uri() == f"sqlite:///{tmp_path / 'shared' / 'mlflow' / 'mlflow.db'}"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # inside `ray job submit`: a relative store is refused
+    with pytest.raises(ValueError, match="absolute path"):
+        tracking_uri("sqlite:///relative.db")

@@ -36,9 +36,11 @@ def test_a_two_trial_sweep_makes_one_parent_and_two_child_runs(ray_local, digits
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = dfnd_config(digits_teacher, "sweep2", "optim.epochs=2")
-    out = sweep(cfg, {"kdci.n": [8, 16]}, scheduler="fifo", max_concurrent_trials=2, storage_path=tmp_path / "ray",
-                experiment="sweeps", tracking_uri=uri)
+    # A grid over N with alpha drawn from a range for each trial.
+    out = sweep(cfg, {"kdci.n": [8, 16], "kdci.alpha": {"uniform": [0.5, 1.5]}}, scheduler="fifo", max_concurrent_trials=2,
+                storage_path=tmp_path / "ray", experiment="sweeps", tracking_uri=uri)
     assert sorted(r["kdci.n"] for r in out["trials"]) == [8, 16] and all(r["epochs"] == 2 and r["error"] is None for r in out["trials"])
+    assert all(0.5 <= r["kdci.alpha"] <= 1.5 for r in out["trials"]) and len({r["kdci.alpha"] for r in out["trials"]}) == 2
     assert out["best"]["test_top1"] == max(r["test_top1"] for r in out["trials"])
     mlflow = client(uri)
     experiment = mlflow.get_experiment_by_name("sweeps").experiment_id
@@ -47,12 +49,17 @@ def test_a_two_trial_sweep_makes_one_parent_and_two_child_runs(ray_local, digits
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == out["mlflow_parent_run_id"]]
     assert [p.info.run_id for p in parents] == [out["mlflow_parent_run_id"]] and len(children) == 2
     assert sorted(c.data.params["kdci.n"] for c in children) == ["16", "8"]
+    assert sorted(float(c.data.params["kdci.alpha"]) for c in children) == sorted(r["kdci.alpha"] for r in out["trials"])
+    models = {m.source_run_id: m.name for m in mlflow.search_logged_models(experiment_ids=[experiment])}
     for child in children:
         assert child.info.status == "FINISHED"
         assert [m.step for m in mlflow.get_metric_history(child.info.run_id, "train_loss")] == [1, 2]
-        assert {"test_top1", "test_top1_compensated", "attention_entropy", "images_per_s"} <= set(child.data.metrics)
+        # raw and compensated top-1, each loss term of the method (KD + DFND's noise adaptation), attention, speed
+        assert {"test_top1", "test_top1_compensated", "train_kd", "train_noise_adaptation", "attention_entropy",
+                "images_per_s"} <= set(child.data.metrics)
         names = {a.path for a in mlflow.list_artifacts(child.info.run_id)}
         assert {"config.yaml", "metrics.json", "student", "dictionary"} <= names
+        assert models.get(child.info.run_id) == "student_model"  # each trial's student as an MLflow model
     parent_files = {a.path for a in mlflow.list_artifacts(out["mlflow_parent_run_id"])} | {
         a.path for a in mlflow.list_artifacts(out["mlflow_parent_run_id"], "figures")}
     assert {"sweep.json", "figures/top1_vs_n.png"} <= parent_files
@@ -68,7 +75,8 @@ def test_asha_stops_a_trial_that_cannot_learn(ray_local, digits_teacher, tmp_pat
                 storage_path=tmp_path / "ray", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     by_lr = {r["optim.lr"]: r for r in out["trials"]}
     assert by_lr[0.05]["epochs"] == 4
-    assert by_lr[1.0e-7]["epochs"] < 4  # stopped early
+    assert by_lr[1.0e-7]["epochs"] < 4 and by_lr[1.0e-7]["error"] is None  # stopped early, not crashed
+    assert by_lr[0.05]["error"] is None
     assert by_lr[1.0e-7]["test_top1"] < by_lr[0.05]["test_top1"]
     # The stopped trial's MLflow run was ended by the driver (the trial itself was killed mid-run).
     from kdci_ray.tracking.store import client
@@ -92,6 +100,23 @@ def test_bad_search_spaces_fail_before_any_trial(digits_teacher, tmp_path):
     with pytest.raises(ValueError, match="kdci.n"):  # an integer field cannot take a float range
         check_space(cfg, {"kdci.n": {"uniform": [8, 64]}})
     check_space(cfg, {"kdci.alpha": {"uniform": [0.1, 2.0]}, "kdci.uniform_attention": [True, False]})
+
+
+def test_search_spaces_become_tune_domains():
+    """grid: every listed value is a trial; random/optuna: values are drawn; ranges are drawn in every search."""
+    from ray.tune.search.sample import Categorical, Float
+
+    from kdci_ray.distributed.tune import _domains
+
+    space = {"kdci.n": [8, 16, 32], "kdci.alpha": {"uniform": [0.1, 2.0]}, "kd.temperature": {"loguniform": [1, 20]}}
+    grid = _domains(space, "grid")
+    assert grid["kdci.n"] == {"grid_search": [8, 16, 32]}
+    for search in ("random", "optuna"):
+        drawn = _domains(space, search)
+        assert isinstance(drawn["kdci.n"], Categorical) and drawn["kdci.n"].categories == [8, 16, 32]
+    for domains in (grid, drawn):
+        assert isinstance(domains["kdci.alpha"], Float) and (domains["kdci.alpha"].lower, domains["kdci.alpha"].upper) == (0.1, 2.0)
+        assert type(domains["kd.temperature"].get_sampler()).__name__ == "_LogUniform"  # log-spaced draws
 
 
 def test_bad_sweep_settings_fail_before_ray_starts(digits_teacher, tmp_path):
@@ -202,3 +227,20 @@ def test_reproduce_runs_a_results_table_as_one_grid(ray_local, digits_teacher, t
     with pytest.raises(FileNotFoundError, match="mosaickd-digits-resnet34-resnet18.yaml"):
         reproduce(table.model_copy(update={"methods": ["mosaickd"], "pairs": ["resnet34-resnet18"]}), config_dir=CONFIGS,
                   storage_path=tmp_path / "ray", tracking_uri=uri)
+
+
+def test_the_committed_cifar10_table_names_a_valid_config_for_every_cell():
+    """`kdci-ray reproduce --config configs/table-cifar10.yaml` (a GPU run): every method x pair cell has its
+    config, each validates with the table's overrides, and the grid shares GPUs four trials to one."""
+    from kdci_ray.config import TableConfig
+    from kdci_ray.distributed.reproduce import cell_configs
+
+    table = load_config(CONFIGS / "table-cifar10.yaml", TableConfig)
+    cells = cell_configs(table, CONFIGS, ["optim.epochs=20"])
+    assert set(cells) == {f"{m}/{p}" for m in ("dafl", "deepinv", "fast", "cmi", "mosaickd", "dfnd")
+                          for p in ("resnet34-resnet18", "wrn40_2-wrn16_1")}
+    for key, cfg in cells.items():
+        method, pair = key.split("/")
+        assert cfg.synthesis.method == method and f"{cfg.teacher.arch}-{cfg.student.arch}" == pair
+        assert cfg.data.dataset == "cifar10" and cfg.optim.epochs == 20
+    assert table.gpus_per_trial == 0.25 and table.kdci == [False, True]

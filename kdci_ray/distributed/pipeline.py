@@ -136,12 +136,8 @@ def _stages(cfg, storage, folder, pool, teacher_id, parent, *, shards, calls_per
 
 def _log_pool(run, cfg: DistillConfig, pool: Path) -> None:
     """The generated data, seen: a grid of images and its class proportions, plus the manifest."""
-    import tempfile
-
     from ..engine.distill import make_source
-    from ..tracking.runs import substitution_figures
+    from ..tracking.runs import log_substitution_figures
 
     run.log_artifact(pool / "manifest.json", "pool")
-    with tempfile.TemporaryDirectory() as tmp:
-        for figure in substitution_figures(cfg, make_source(cfg), Path(tmp)):
-            run.log_artifact(figure, "figures")
+    log_substitution_figures(run, cfg, make_source(cfg))

@@ -267,6 +267,11 @@ def sweep(
             parent.log_params({f"cell.{key}": c.name for key, c in configs.items()})
         else:
             parent.log_config(cfg)
+            if cfg.pool is not None:  # every trial reads the same substitution data: shown once, on the sweep
+                from ..engine.distill import make_source
+                from ..tracking.runs import log_substitution_figures
+
+                log_substitution_figures(parent, cfg, make_source(cfg))
     settings = {"workers": workers_per_trial, "use_gpu": use_gpu, "cpus_per_worker": cpus_per_worker, "gpus_per_worker": gpus_per_worker,
                 "storage": str(storage / name / "trials"),
                 "dictionaries": dictionaries}

@@ -60,9 +60,15 @@ def log_finished_run(run: MlflowRunLogger, cfg: DistillConfig, run_dir: Path, so
         info = dataset_info(cfg.data.dataset)
         log_student_model(run, run_dir / "student.safetensors", (info.channels, info.image_size, info.image_size))
     if source is not None and hasattr(source, "dictionary_images"):
-        with tempfile.TemporaryDirectory() as tmp:
-            for figure in substitution_figures(cfg, source, Path(tmp)):
-                run.log_artifact(figure, "figures")
+        log_substitution_figures(run, cfg, source)
+
+
+def log_substitution_figures(run: MlflowRunLogger, cfg: DistillConfig, source) -> None:
+    """The substitution data `source` holds, seen: a grid of its images and its class proportions against
+    the original balance, as artifacts under figures/."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for figure in substitution_figures(cfg, source, Path(tmp)):
+            run.log_artifact(figure, "figures")
 
 
 @torch.no_grad()
