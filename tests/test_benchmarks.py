@@ -105,7 +105,7 @@ def test_end_to_end_pipeline_benchmark_runs_its_cifar10_default_at_toy_size(shar
            "--data-root", str(shared_dir / "data" / "cifar10-jpeg.tar.gz"), "--shards", "2", "--calls-per-shard", "1",
            "--set", "synthesis.batch_size=8", "--set", "synthesis.g_steps=1", "--set", "synthesis.warmup_calls=0",
            "--set", "optim.epochs=2", "--set", "optim.batch_size=8", "--set", "kdci.n=4", "--set", "data.limit=64",
-           "--set", "eval_every=1", "--dictionary-shards", "2", "--out", str(out)]
+           "--set", "eval_every=1", "--actors", "1", "--workers", "1", "--dictionary-shards", "1", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -61,9 +61,9 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     assert res.returncode != 0 and "Traceback" in res.stderr
 
 
-@pytest.mark.parametrize("arch,top1", [("wrn40_2", 90.60), ("resnet34", 91.40)])
+@pytest.mark.parametrize("arch,top1", [("wrn40_2", 89.50), ("resnet34", 91.10)])
 def test_reference_teachers_score_their_recorded_accuracy(arch, top1, shared_dir, tmp_path_factory):
-    """The reference teachers in fp32 on every 5th image of the shared CIFAR-10 test split (2,000, all classes),
+    """The reference teachers in fp32 on every 10th image of the shared CIFAR-10 test split (1,000, all classes),
     through the loaders and the evaluation `kdci-ray evaluate` uses. On the whole split (`kdci-ray evaluate
     --arch wrn40_2 ...`, ~1-2 min each here) they score 90.65 and 91.68 %, as their cards say."""
     from kdci_ray.data import load_dataset
@@ -80,10 +80,10 @@ def test_reference_teachers_score_their_recorded_accuracy(arch, top1, shared_dir
         with tarfile.open(shared_dir / "data" / "cifar10-jpeg.tar.gz") as tar:
             safe_extract(tar, root)
     test = load_dataset("cifar10", root / "cifar10-jpeg", "test")
-    every_fifth = ArrayImageDataset(test.images[::5], test.labels[::5], test.info, test.split)
+    every_tenth = ArrayImageDataset(test.images[::10], test.labels[::10], test.info, test.split)
     model, card = load_classifier(shared_dir / "teachers" / f"cifar10_{arch}.safetensors", arch=arch)
-    metrics = evaluate_classifier(model, every_fifth, 256, resolve_runtime("cpu", "fp32", "auto"), card.normalize_mean, card.normalize_std)
-    assert metrics["n"] == 2000 and abs(metrics["top1"] - top1) < 0.03  # one image is 0.05 %
+    metrics = evaluate_classifier(model, every_tenth, 256, resolve_runtime("cpu", "fp32", "auto"), card.normalize_mean, card.normalize_std)
+    assert metrics["n"] == 1000 and len(set(test.labels[::10].tolist())) == 10 and abs(metrics["top1"] - top1) < 0.05  # one image: 0.1 %
 
 
 def test_teacher_on_tiny_imagenet_is_scored_on_labelled_val(tmp_path):
