@@ -96,25 +96,24 @@ def test_ray_pipeline_benchmark_runs_at_toy_size(digits_teacher, tmp_path):
     assert all(len(r["distill_epoch_seconds"]) == 2 and r["distill_images_per_s"] > 0 for r in result["runs"])
 
 
-def test_end_to_end_pipeline_benchmark_runs_its_cifar10_default_at_toy_size(shared_dir, tmp_path):
-    """The GPU benchmark's own default (Fast, CIFAR-10, the shared wrn40_2 -> wrn16_1) through the whole
-    pipeline, shrunk: stage timings, throughput and the student's accuracy land in the JSON."""
+def test_end_to_end_pipeline_benchmark_runs_at_toy_size(digits_teacher, tmp_path):
+    """The whole pipeline through the benchmark, shrunk (its CIFAR-10 default config is run at smoke size by
+    the config tests): stage timings, throughput and the student's accuracy land in the JSON."""
     out = tmp_path / "e2e.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "pipeline_e2e.py"),
-           "--teacher-weights", str(shared_dir / "teachers" / "cifar10_wrn40_2.safetensors"),
-           "--data-root", str(shared_dir / "data" / "cifar10-jpeg.tar.gz"), "--shards", "2", "--calls-per-shard", "1",
-           "--set", "synthesis.batch_size=8", "--set", "synthesis.g_steps=1", "--set", "synthesis.warmup_calls=0",
-           "--set", "optim.epochs=2", "--set", "optim.batch_size=8", "--set", "kdci.n=4", "--set", "data.limit=64",
-           "--set", "eval_every=1", "--actors", "1", "--workers", "1", "--dictionary-shards", "1", "--out", str(out)]
+    cmd = [sys.executable, str(REPO / "benchmarks" / "pipeline_e2e.py"), "--config", str(REPO / "configs" / "fast-digits-digits_cnn-digits_cnn_small.yaml"),
+           "--teacher-weights", str(digits_teacher), "--shards", "2", "--calls-per-shard", "1",
+           "--set", "synthesis.batch_size=16", "--set", "synthesis.g_steps=1", "--set", "synthesis.warmup_calls=0",
+           "--set", "optim.epochs=2", "--set", "optim.batch_size=16", "--set", "kdci.n=4",
+           "--actors", "1", "--workers", "1", "--dictionary-shards", "1", "--no-track", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     run = result["run"]
-    assert result["config"] == "fast-cifar10-wrn40_2-wrn16_1.yaml" and (result["teacher"], result["student"]) == ("wrn40_2", "wrn16_1")
-    assert run["pool_rows"] == 2 * 8 and set(run["stage_seconds"]) == {"generate", "dictionary", "distill"}
+    assert result["config"] == "fast-digits-digits_cnn-digits_cnn_small.yaml" and result["method"] == "fast" and not result["tracked"]
+    assert run["pool_rows"] == 2 * 16 and set(run["stage_seconds"]) == {"generate", "dictionary", "distill"}
     assert run["generation_images_per_s"] > 0 and run["distill_images_per_s"] > 0 and run["distill_epochs"] == 2
     assert 0 <= run["test_top1"] <= 100 and run["test_top1_compensated"] is not None
-    assert result["command"].startswith("python benchmarks/pipeline_e2e.py --teacher-weights")
+    assert result["command"].startswith("python benchmarks/pipeline_e2e.py --config")
     assert "generate" in proc.stdout and "dictionary" in proc.stdout and "distill" in proc.stdout
 
 

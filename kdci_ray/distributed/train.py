@@ -218,6 +218,14 @@ def _check_inputs(cfg: DistillConfig) -> None:
     check_pool_run(cfg)
 
 
+def _train_logging():
+    """Ray Train's own INFO lines (every report and checkpoint, twice per epoch) off the console; the loop's
+    per-epoch line says the same in one line. They stay in Ray Train's log files."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="WARNING")
+
+
 def _read_pool(ray, files: list[Path]):
     """The pool's image column as a Ray Dataset whose read tasks take a fraction of a CPU: next to other
     trials' Train workers (a Tune sweep on a small machine) less than one CPU may be free, and a 1-CPU read
@@ -228,7 +236,12 @@ def _read_pool(ray, files: list[Path]):
     if previous is not None:
         context.use_datasource_v2 = False  # the dataset keeps a copy of the context it was made under
     try:
-        return ray.data.read_parquet([str(f) for f in files], columns=["image"], num_cpus=READ_TASK_CPUS)
+        dataset = ray.data.read_parquet([str(f) for f in files], columns=["image"], num_cpus=READ_TASK_CPUS)
+        # Read again every epoch on every worker: Ray Data's start/plan/finish lines for each pass are noise
+        # on the console (the loop prints each epoch); they stay in Ray Data's log file.
+        dataset.context.print_on_execution_start = False
+        dataset.context.enable_progress_bars = False
+        return dataset
     finally:
         if previous is not None:
             context.use_datasource_v2 = previous
@@ -306,6 +319,7 @@ def distill_on_ray(
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
             callbacks=callbacks,
+            logging_config=_train_logging(),
         ),
         datasets=datasets or None,
     )
@@ -408,7 +422,8 @@ def train_teacher_on_ray(
         _teacher_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "use_gpu": use_gpu},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=f"teacher-{cfg.name}-{int(time.time())}", storage_path=str(storage)),
+        run_config=ray.train.RunConfig(name=f"teacher-{cfg.name}-{int(time.time())}", storage_path=str(storage),
+                                       logging_config=_train_logging()),
     )
     t0 = time.perf_counter()
     result = trainer.fit()
