@@ -90,6 +90,9 @@ def main(argv=None) -> int:
         "distill_epoch_seconds": [round(r["epoch_seconds"], 2) for r in history],
         "train_loss": [round(r["train_loss"], 4) for r in history],
         "test_top1": out["test_top1"], "test_top1_compensated": out["test_top1_compensated"],
+        "resumed_from": out["resumed_from"],
+        # where to find the run in the MLflow UI (None untracked)
+        "mlflow_run_id": out.get("mlflow_run_id"), "mlflow_distill_run_id": out.get("mlflow_distill_run_id"),
     }
     result = {
         "benchmark": "pipeline_e2e", "device": device_name(), "torch": torch.__version__, "command": command,

@@ -10,6 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow(seconds=20)
 def test_kdci_overhead_benchmark_runs_at_toy_size(tmp_path):
     out = tmp_path / "overhead.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "kdci_overhead.py"), "--teacher", "wrn16_1", "--teacher-weights", "none",
@@ -82,12 +83,13 @@ def test_committed_sampling_results_are_well_formed():
     assert all(0 <= r["test_top1"] <= 100 and r["overrides"] for r in result["runs"])
 
 
-def test_ray_pipeline_benchmark_runs_at_toy_size(digits_teacher, tmp_path):
+@pytest.mark.slow(seconds=60)
+def test_ray_pipeline_benchmark_runs_at_toy_size(ray_env, digits_teacher, tmp_path):
     out = tmp_path / "ray.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "ray_pipeline.py"), "--rows", "4000", "--shards", "2", "--calls", "1",
            "--teacher-weights", str(digits_teacher), "--set", "synthesis.batch_size=16", "--set", "synthesis.g_steps=2", "--n", "8",
            "--distill-rows", "512", "--distill-epochs", "2", "--workers", "2", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=ray_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [r["workers"] for r in result["runs"]] == [2]  # (the committed results compare 1 and 2)
@@ -96,25 +98,20 @@ def test_ray_pipeline_benchmark_runs_at_toy_size(digits_teacher, tmp_path):
     assert all(len(r["distill_epoch_seconds"]) == 2 and r["distill_images_per_s"] > 0 for r in result["runs"])
 
 
-def test_end_to_end_pipeline_benchmark_runs_at_toy_size(digits_teacher, tmp_path):
-    """The whole pipeline through the benchmark, shrunk (its CIFAR-10 default config is run at smoke size by
-    the config tests): stage timings, throughput and the student's accuracy land in the JSON."""
-    out = tmp_path / "e2e.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "pipeline_e2e.py"), "--config", str(REPO / "configs" / "fast-digits-digits_cnn-digits_cnn_small.yaml"),
-           "--teacher-weights", str(digits_teacher), "--shards", "2", "--calls-per-shard", "1",
-           "--set", "synthesis.batch_size=16", "--set", "synthesis.g_steps=1", "--set", "synthesis.warmup_calls=0",
-           "--set", "optim.epochs=2", "--set", "optim.batch_size=16", "--set", "kdci.n=4",
-           "--actors", "1", "--workers", "1", "--dictionary-shards", "1", "--no-track", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+def test_end_to_end_pipeline_benchmark_runs_at_toy_size(fast_pipeline):
+    """The whole pipeline through the benchmark, shrunk to digits (its CIFAR-10 default config is run at smoke
+    size by the config tests): stage timings, throughput, the student's accuracy and the MLflow run land in
+    the JSON. (The run is shared with test_ray_train's pipeline tests.)"""
+    result = fast_pipeline["result"]
     run = result["run"]
-    assert result["config"] == "fast-digits-digits_cnn-digits_cnn_small.yaml" and result["method"] == "fast" and not result["tracked"]
-    assert run["pool_rows"] == 2 * 16 and set(run["stage_seconds"]) == {"generate", "dictionary", "distill"}
-    assert run["generation_images_per_s"] > 0 and run["distill_images_per_s"] > 0 and run["distill_epochs"] == 2
+    assert result["config"] == "fast-digits-digits_cnn-digits_cnn_small.yaml" and result["method"] == "fast" and result["tracked"]
+    assert run["pool_rows"] == 2 * (1 + 2) * 128 and set(run["stage_seconds"]) == {"generate", "dictionary", "distill"}
+    assert run["generation_images_per_s"] > 0 and run["distill_images_per_s"] > 0 and run["distill_epochs"] == 3
     assert 0 <= run["test_top1"] <= 100 and run["test_top1_compensated"] is not None
+    assert run["resumed_from"] == 0 and run["mlflow_run_id"] and run["mlflow_distill_run_id"]
+    assert (result["generation_actors"], result["train_workers"]) == (2, 2)
     assert result["command"].startswith("python benchmarks/pipeline_e2e.py --config")
-    assert "generate" in proc.stdout and "dictionary" in proc.stdout and "distill" in proc.stdout
+    assert "generate" in fast_pipeline["stdout"] and "dictionary" in fast_pipeline["stdout"] and "distill" in fast_pipeline["stdout"]
 
 
 def test_committed_ray_pipeline_results_are_well_formed():

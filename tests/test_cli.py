@@ -61,6 +61,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     assert res.returncode != 0 and "Traceback" in res.stderr
 
 
+@pytest.mark.slow(seconds=20)
 @pytest.mark.parametrize("arch,top1", [("wrn40_2", 89.50), ("resnet34", 91.10)])
 def test_reference_teachers_score_their_recorded_accuracy(arch, top1, shared_dir, tmp_path_factory):
     """The reference teachers in fp32 on every 10th image of the shared CIFAR-10 test split (1,000, all classes),

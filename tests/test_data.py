@@ -199,7 +199,7 @@ def test_missing_dataset_says_where_and_how(tmp_path):
         load_dataset("mnist", tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=32)
 def test_shared_cifar10_copy_checksums(cifar10_archive):
     """The archive itself is a valid root: unpacked once into the cache, decoded, checked, cached."""
     for split, (x_sha, y_sha) in SHARED_CIFAR10_SHA.items():

@@ -51,6 +51,7 @@ def test_every_method_has_committed_configs():
             assert cfg.synthesis.method == method and cfg.name == f"{method}-{pair}"
 
 
+@pytest.mark.slow(seconds=30)
 @pytest.mark.parametrize("kdci", [False, True], ids=["baseline", "kdci"])
 @pytest.mark.parametrize("method", METHODS)
 def test_method_distills_digits(method, kdci, digits_teacher, tmp_path):

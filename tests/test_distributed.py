@@ -1,7 +1,6 @@
 """The Ray layer on a real local Ray (2 CPUs): the distributed dictionary build."""
 
 import faiss  # noqa: F401  (before torch)
-import os
 
 import pytest
 import torch
@@ -9,16 +8,6 @@ import torch
 from kdci_ray.kdci.dictionary import DictionaryError, build_dictionary_from_arrays
 from kdci_ray.synthesis import write_pool_parquet
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    from kdci_ray.distributed import ensure_ray
-
-    ray = ensure_ray(num_cpus=2)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +30,7 @@ def clustered_pool(tmp_path_factory):
     {"max_train_points": 900, "nredo": 1},  # k-means trains on a sample drawn across the shards
     {"max_train_points": 2000, "nredo": 2, "pca_dim": 4},
 ], ids=["all-rows", "sampled", "pca"])
-def test_shard_actors_build_the_single_process_dictionary(settings, ray_local, clustered_pool, tmp_path):
+def test_shard_actors_build_the_single_process_dictionary(settings, ray_cluster, clustered_pool, tmp_path):
     from kdci_ray.distributed import build_dictionary_distributed
 
     folder, logits = clustered_pool
@@ -54,27 +43,27 @@ def test_shard_actors_build_the_single_process_dictionary(settings, ray_local, c
     assert torch.allclose(distributed.centroids, single.centroids, atol=1e-4)
 
 
-def test_both_actors_hold_rows_and_do_work(ray_local, clustered_pool):
+def test_both_actors_hold_rows_and_do_work(ray_cluster, clustered_pool):
     from kdci_ray.distributed.dictionary import DictionaryShard, _split, pool_files
 
     folder, _ = clustered_pool
     files = pool_files(folder)
     groups = _split([700, 500, 900, 400], 2)
     assert groups == [[0, 1], [2, 3]]
-    actors = [ray_local.remote(num_cpus=0.5)(DictionaryShard).remote([str(files[i]) for i in g], off) for g, off in zip(groups, [0, 1200])]
-    sizes = ray_local.get([a.size.remote() for a in actors])
+    actors = [ray_cluster.remote(num_cpus=0.5)(DictionaryShard).remote([str(files[i]) for i in g], off) for g, off in zip(groups, [0, 1200])]
+    sizes = ray_cluster.get([a.size.remote() for a in actors])
     assert sizes == [1200, 1300]
     import numpy as np
 
-    held = ray_local.get([a.prepare.remote(np.arange(0, 2500, 5), None, None) for a in actors])
+    held = ray_cluster.get([a.prepare.remote(np.arange(0, 2500, 5), None, None) for a in actors])
     assert held == [240, 260]  # each trains on its own share of the sample
-    stats = ray_local.get([a.train_stats.remote(np.zeros((3, 10), np.float32)) for a in actors])
+    stats = ray_cluster.get([a.train_stats.remote(np.zeros((3, 10), np.float32)) for a in actors])
     assert [int(s.counts.sum()) for s in stats] == [240, 260]
     for a in actors:
-        ray_local.kill(a)
+        ray_cluster.kill(a)
 
 
-def test_dictionaries_are_cached_by_data_teacher_n_and_seed(ray_local, clustered_pool, tmp_path):
+def test_dictionaries_are_cached_by_data_teacher_n_and_seed(ray_cluster, clustered_pool, tmp_path):
     from kdci_ray.distributed import build_dictionary_distributed
 
     folder, _ = clustered_pool
@@ -91,7 +80,7 @@ def test_dictionaries_are_cached_by_data_teacher_n_and_seed(ray_local, clustered
     assert len(list(cache.glob("*"))) == 3
 
 
-def test_bad_requests_fail_before_any_actor_starts(ray_local, clustered_pool, tmp_path):
+def test_bad_requests_fail_before_any_actor_starts(ray_cluster, clustered_pool, tmp_path):
     from kdci_ray.distributed import build_dictionary_distributed
 
     folder, _ = clustered_pool
@@ -116,7 +105,8 @@ def digits_cfg(method, teacher, *overrides):
                        [f"teacher.weights={teacher}", *overrides])
 
 
-def test_generation_writes_shards_from_two_actors_and_a_manifest(ray_local, digits_teacher, tmp_path):
+@pytest.mark.slow(seconds=22)
+def test_generation_writes_shards_from_two_actors_and_a_manifest(ray_cluster, digits_teacher, tmp_path):
     from kdci_ray.distributed import generate
     from kdci_ray.synthesis import read_pool_parquet
 
@@ -154,7 +144,7 @@ def test_generation_writes_shards_from_two_actors_and_a_manifest(ray_local, digi
     assert sorted(p.name for p in out.iterdir()) == ["README.txt", "manifest.json", "part-00000.parquet", "part-notes.parquet"]
 
 
-def test_dfnd_selection_on_ray_data_equals_the_single_process_selection(ray_local, digits_teacher, tmp_path):
+def test_dfnd_selection_on_ray_data_equals_the_single_process_selection(ray_cluster, digits_teacher, tmp_path):
     from kdci_ray.distributed import select_wild
     from kdci_ray.synthesis import read_pool_parquet
     import numpy as np
@@ -173,7 +163,7 @@ def test_dfnd_selection_on_ray_data_equals_the_single_process_selection(ray_loca
     assert read_pool_parquet(tmp_path / "sel").images.equal(source.pool.filled()[0])
 
 
-def test_penultimate_features_on_ray_data_give_the_single_process_dictionary(ray_local, digits_teacher, tmp_path):
+def test_penultimate_features_on_ray_data_give_the_single_process_dictionary(ray_cluster, digits_teacher, tmp_path):
     """kdci.feature = penultimate: a Ray Data pass runs the teacher over the pool files (one features file per
     pool file), shard actors hold the features; equal to the single-process build on the same images."""
     from pathlib import Path

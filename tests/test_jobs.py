@@ -15,27 +15,33 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
-def job(*args, timeout=600):
-    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=ENV)
+def job(*args, env=ENV, timeout=600):
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     return proc.returncode, proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "", proc.stderr
 
 
-def test_synthesize_then_build_dictionary_jobs_on_a_local_ray(digits_teacher, tmp_path):
+@pytest.mark.slow(seconds=100)
+def test_synthesize_then_build_dictionary_jobs_on_a_local_ray(ray_env, digits_teacher, tmp_path):
+    """The jobs join the suite's local Ray through RAY_ADDRESS, as they join a cluster under `ray job submit`."""
     config = REPO / "configs" / "deepinv-digits-digits_cnn-digits_cnn_small.yaml"
     common = ["--config", config, "--set", f"teacher.weights={digits_teacher}"]
-    rc, line, err = job("jobs/synthesize.py", *common, "--set", "synthesis.batch_size=16", "--set", "synthesis.g_steps=2",
+
+    def run(*args):
+        return job(*args, env=ray_env)
+
+    rc, line, err = run("jobs/synthesize.py", *common, "--set", "synthesis.batch_size=16", "--set", "synthesis.g_steps=2",
                         "--out", tmp_path / "pool", "--shards", 2, "--calls-per-shard", 2)
     assert rc == 0, err[-3000:]
     summary = json.loads(line)
     assert summary["rows"] == 2 * 2 * 16 and summary["files"] == 2 and summary["method"] == "deepinv"
-    rc, line, err = job("jobs/build_dictionary.py", *common, "--set", "kdci.n=8", "--pool", tmp_path / "pool",
+    rc, line, err = run("jobs/build_dictionary.py", *common, "--set", "kdci.n=8", "--pool", tmp_path / "pool",
                         "--cache-dir", tmp_path / "cache", "--out", tmp_path / "dictionary.safetensors")
     assert rc == 0, err[-3000:]
     built = json.loads(line)
     assert built["n"] == 8 and built["samples"] == 64 and (tmp_path / "dictionary.safetensors").is_file()
     # Distillation on Ray Train on that pool with that dictionary, recorded as one MLflow run.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    rc, line, err = job("jobs/distill.py", *common, "--set", f"pool={tmp_path / 'pool'}", "--set", "kdci.n=8",
+    rc, line, err = run("jobs/distill.py", *common, "--set", f"pool={tmp_path / 'pool'}", "--set", "kdci.n=8",
                         "--set", f"kdci.dictionary={tmp_path / 'dictionary.safetensors'}", "--set", "kdci.rebuild_every=0",
                         "--set", "optim.epochs=1", "--set", "optim.batch_size=16", "--set", "name=from-job", "--workers", 1,
                         "--storage", tmp_path / "ray", "--tracking-uri", uri)
@@ -49,7 +55,7 @@ def test_synthesize_then_build_dictionary_jobs_on_a_local_ray(digits_teacher, tm
     assert record.info.status == "FINISHED" and record.data.params["kdci.dictionary"] == str(tmp_path / "dictionary.safetensors")
     # A second run into the same folder is refused with a one-line message (exit 2), nothing overwritten.
     before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "pool").iterdir())
-    rc, _, err = job("jobs/synthesize.py", *common, "--out", tmp_path / "pool")
+    rc, _, err = run("jobs/synthesize.py", *common, "--out", tmp_path / "pool")
     assert rc == 2 and "already holds files" in err
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "pool").iterdir()) == before
 
@@ -75,6 +81,7 @@ def ray_head(tmp_path):
         subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120, env=env)
 
 
+@pytest.mark.slow(seconds=90)
 def test_ray_job_submit_runs_the_pipeline_against_a_head_on_localhost(ray_head, digits_teacher, tmp_path):
     ray_cli, address, env = ray_head
     storage = tmp_path / "storage"

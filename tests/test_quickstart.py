@@ -11,10 +11,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_quickstart_runs_every_stage_and_records_them_in_mlflow(tmp_path):
+@pytest.mark.slow(seconds=160)
+def test_quickstart_runs_every_stage_and_records_them_in_mlflow(ray_env, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     command = Path(sys.executable).parent / "kdci-ray"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {**ray_env, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}  # joins the suite's local Ray
     proc = subprocess.run([str(command), "quickstart", "--size", "ci", "--storage", str(tmp_path / "ray"), "--tracking-uri", uri],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)  # configs found from another directory
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -15,17 +15,7 @@ import torch
 
 from kdci_ray.config import DistillConfig, load_config
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fast-digits-digits_cnn-digits_cnn_small.yaml"
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    from kdci_ray.distributed import ensure_ray
-
-    ray = ensure_ray(num_cpus=2)
-    yield ray
-    ray.shutdown()
 
 
 def fast_config(teacher: Path, name: str, *overrides: str) -> DistillConfig:
@@ -38,7 +28,8 @@ def ray_checkpoints(run_folder: Path) -> list[Path]:
     return sorted(p for p in run_folder.glob("checkpoint_*") if p.is_dir())
 
 
-def test_ddp_distillation_trains_checkpoints_and_does_not_restart_a_finished_run(ray_local, digits_teacher, tmp_path):
+@pytest.mark.slow(seconds=30)
+def test_ddp_distillation_trains_checkpoints_and_does_not_restart_a_finished_run(ray_cluster, digits_teacher, tmp_path):
     from kdci_ray.distributed import distill_on_ray
 
     cfg = fast_config(digits_teacher, "ddp", "optim.epochs=4")
@@ -97,7 +88,8 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
-def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, digits_teacher, tmp_path):
+@pytest.mark.slow(seconds=60)
+def test_a_killed_worker_resumes_from_the_last_checkpoint(own_ray, digits_teacher, tmp_path):
     from kdci_ray.distributed import distill_on_ray
 
     epochs = 14
@@ -143,41 +135,46 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, digits_teac
     assert attempts[-1]["epoch"] == epochs and attempts[-1]["resumed_from"] == result.resumed_from
 
 
-def test_pipeline_generates_builds_the_dictionary_and_distills_on_the_pool(ray_local, digits_teacher, tmp_path):
+def test_pipeline_generates_builds_the_dictionary_and_distills_on_the_pool(fast_pipeline, ray_cluster):
     """Offline path: Ray Data generation -> distributed dictionary -> Ray Train on the Parquet pool (streamed by
-    Ray Data, split equally over the workers) with that dictionary; submitting again continues, redoing nothing."""
+    Ray Data, split equally over the workers) with that dictionary; submitting again continues, redoing nothing.
+    (The first submission is the end-to-end benchmark's run, `fast_pipeline`; the second is made here.)"""
     from kdci_ray.distributed import run_pipeline
     from kdci_ray.kdci import ConfounderDictionary
 
-    cfg = fast_config(digits_teacher, "pipe", "optim.epochs=3", "optim.batch_size=32")
-    out = run_pipeline(cfg, storage_path=tmp_path, shards=2, calls_per_shard=2, actors=2, dictionary_shards=2, workers=2)
-    folder = tmp_path / "pipe"
+    work, bench = fast_pipeline["work"], fast_pipeline["result"]
+    out = bench["run"]
+    storage, uri = work / "ray", f"sqlite:///{work / 'mlflow.db'}"
+    folder = storage / "pipeline-e2e"
     assert out["pool_rows"] == 2 * (1 + 2) * 128  # shards x (warm-up + calls) x synthesis.batch_size
     assert sorted(p.name for p in (folder / "pool").glob("*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
-    assert out["epochs"] == 3 and out["resumed_from"] == 0 and set(out["seconds"]) == {"generate", "dictionary", "distill"}
+    assert out["distill_epochs"] == 3 and out["resumed_from"] == 0 and set(out["stage_seconds"]) == {"generate", "dictionary", "distill"}
     history = json.loads((folder / "outputs" / "metrics.json").read_text())
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     # The run trained on the pool (each worker half of it: 384 rows / 32 = 12 steps) with the prebuilt dictionary.
     state = torch.load(ray_checkpoints(folder)[-1] / "checkpoint.pt", weights_only=True)
     assert [r["source"]["rows"] for r in state["ranks"]] == [384, 384]
-    assert state["config"]["pool"] == str(folder / "pool") and state["config"]["kdci"]["dictionary"] == out["dictionary"]
-    prebuilt = ConfounderDictionary.load(out["dictionary"])
+    dictionary = str(folder / "dictionary.safetensors")
+    assert state["config"]["pool"] == str(folder / "pool") and state["config"]["kdci"]["dictionary"] == dictionary
+    prebuilt = ConfounderDictionary.load(dictionary)
     assert torch.equal(state["dictionary"]["tensors"]["prototypes"], prebuilt.prototypes)
     assert prebuilt.meta.samples == out["pool_rows"] and prebuilt.meta.extra["shards"] == 2
 
+    cfg = load_config(CONFIG, DistillConfig, [*bench["overrides"], "name=pipeline-e2e"])  # the benchmark's config
     pool_files = {p: p.stat().st_mtime_ns for p in (folder / "pool").glob("*.parquet")}
-    cached = list((tmp_path / "dictionaries").glob("*.safetensors"))
-    again = run_pipeline(cfg, storage_path=tmp_path, shards=2, calls_per_shard=2, actors=2, dictionary_shards=2, workers=2)
-    assert again["resumed_from"] == 3 and again["test_top1"] == out["test_top1"]
+    cached = list((storage / "dictionaries").glob("*.safetensors"))
+    again = run_pipeline(cfg, storage_path=storage, shards=2, calls_per_shard=2, actors=2, dictionary_shards=2, workers=2,
+                         experiment="pipeline-e2e", tracking_uri=uri)
+    assert again["resumed_from"] == 3 and again["test_top1"] == out["test_top1"] and again["dictionary"] == dictionary
     assert {p: p.stat().st_mtime_ns for p in (folder / "pool").glob("*.parquet")} == pool_files  # shards kept
-    assert list((tmp_path / "dictionaries").glob("*.safetensors")) == cached and len(cached) == 1  # cache hit
+    assert list((storage / "dictionaries").glob("*.safetensors")) == cached and len(cached) == 1  # cache hit
 
     # MLflow: one pipeline run (stage times, figures of the pool) with the distillation as its child; the
     # second submission continued both instead of opening new ones.
     from kdci_ray.tracking.store import client
 
-    mlflow = client()
-    exp = mlflow.get_experiment_by_name("kdci").experiment_id
+    mlflow = client(uri)
+    exp = mlflow.get_experiment_by_name("pipeline-e2e").experiment_id
     pipeline = mlflow.search_runs([exp], filter_string=f"tags.`kdci.pipeline` = '{folder}'")
     assert len(pipeline) == 1 and again["mlflow_run_id"] == out["mlflow_run_id"] == pipeline[0].info.run_id
     assert pipeline[0].info.status == "FINISHED" and {"seconds_generate", "pool_rows", "test_top1"} <= set(pipeline[0].data.metrics)
@@ -191,7 +188,8 @@ def test_pipeline_generates_builds_the_dictionary_and_distills_on_the_pool(ray_l
     assert {"config.yaml", "metrics.json", "student", "dictionary", "figures"} <= child_files
 
 
-def test_teacher_training_on_ray_train_with_two_workers(ray_local, tmp_path):
+@pytest.mark.slow(seconds=21)
+def test_teacher_training_on_ray_train_with_two_workers(ray_cluster, tmp_path):
     """`train-teacher` on 2 DDP workers: each takes half of every epoch; rank 0 writes a teacher that works."""
     from kdci_ray.config import TeacherTrainConfig, validate_config
     from kdci_ray.distributed import train_teacher_on_ray

@@ -78,6 +78,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow(seconds=20)
 def test_ui_serves_the_runs_on_localhost(tmp_path):
     from kdci_ray.tracking import MlflowRunLogger
 

@@ -11,17 +11,7 @@ import pytest
 
 from kdci_ray.config import DistillConfig, load_config
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    from kdci_ray.distributed import ensure_ray
-
-    ray = ensure_ray(num_cpus=2)
-    yield ray
-    ray.shutdown()
 
 
 def dfnd_config(teacher, name, *overrides):
@@ -30,7 +20,8 @@ def dfnd_config(teacher, name, *overrides):
     ])
 
 
-def test_a_two_trial_sweep_makes_one_parent_and_two_child_runs(ray_local, digits_teacher, tmp_path):
+@pytest.mark.slow(seconds=45)
+def test_a_two_trial_sweep_makes_one_parent_and_two_child_runs(ray_cluster, digits_teacher, tmp_path):
     from kdci_ray.distributed.tune import sweep
     from kdci_ray.tracking.store import client
 
@@ -66,7 +57,8 @@ def test_a_two_trial_sweep_makes_one_parent_and_two_child_runs(ray_local, digits
     assert json.loads((Path(out["storage"]) / "sweep.json").read_text())["best"] == out["best"]
 
 
-def test_asha_stops_a_trial_that_cannot_learn(ray_local, digits_teacher, tmp_path):
+@pytest.mark.slow(seconds=55)
+def test_asha_stops_a_trial_that_cannot_learn(ray_cluster, digits_teacher, tmp_path):
     from kdci_ray.distributed.tune import sweep
 
     cfg = dfnd_config(digits_teacher, "asha", "optim.epochs=4", "optim.warmup_epochs=0", "synthesis.num_select=2000")
@@ -146,6 +138,8 @@ def test_bad_sweep_settings_fail_before_ray_starts(digits_teacher, tmp_path):
         "kdci.n": [8, 16], "kdci.alpha": {"uniform": [0.1, 2]}, "kd.temperature": [4]}
 
 
+@pytest.mark.slow(seconds=90)
+@pytest.mark.ray  # its own local Ray in the killed driver's process group
 def test_a_sweep_killed_with_its_driver_resumes_without_redoing_finished_trials(digits_teacher, tmp_path):
     """jobs/tune.py in its own process group (its local Ray with it) is killed once the first trial has
     finished; running it again finishes the sweep, and the finished trial is neither trained nor logged again."""
@@ -190,7 +184,8 @@ def test_a_sweep_killed_with_its_driver_resumes_without_redoing_finished_trials(
     assert sorted(r.data.tags["trial.kdci.alpha"] for r in children) == ["0.5", "1.0"]  # one child per trial
 
 
-def test_reproduce_runs_a_results_table_as_one_grid(ray_local, digits_teacher, tmp_path):
+@pytest.mark.slow(seconds=35)
+def test_reproduce_runs_a_results_table_as_one_grid(ray_cluster, digits_teacher, tmp_path):
     """A cell x KDCI off/on: one trial per cell and setting, each cell its own config; the table (Markdown,
     CSV, JSON) holds the cell's KD and KDCI top-1 and is logged to the grid's MLflow run. (One method here
     for time; several methods and pairs in one table: the next test.)"""
