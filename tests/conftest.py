@@ -144,6 +144,7 @@ def _expected_seconds(item) -> float:
     return 0.0 if marker is None else float(marker.kwargs.get("seconds", 20))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """Ray tests (a Ray fixture, or marked `ray`) are marked; tests sharing a session run are grouped (xdist's
     `--dist loadgroup` keeps a group in one worker). Slow tests go first, longest first: each xdist worker

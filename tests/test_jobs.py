@@ -4,9 +4,11 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,17 +70,26 @@ def free_port() -> int:
 
 @pytest.fixture
 def ray_head(tmp_path):
+    """`ray start --head` on 127.0.0.1 with token auth, a cluster of this test's own. It runs with --block in
+    its own process group, which is killed as a whole at the end: `ray stop` would end every Ray on the
+    machine (the other xdist worker's, other people's)."""
     ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     port, dashboard = free_port(), free_port()
     env = {**ENV, "RAY_AUTH_MODE": "token"}
-    start = subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                            f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
-                           capture_output=True, text=True, timeout=180, env=env)
-    assert start.returncode == 0, start.stderr[-3000:]
+    log = tmp_path / "ray-head.log"
+    with open(log, "w") as out:
+        head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
+                                 "--disable-usage-stats"], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
+        deadline = time.time() + 180
+        while "Ray runtime started" not in log.read_text():
+            assert head.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
         yield ray_cli, f"http://127.0.0.1:{dashboard}", env
-    finally:
-        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120, env=env)
+    finally:  # what `ray stop --force` does, to this head's processes only
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=60)
 
 
 @pytest.mark.slow(seconds=90)
