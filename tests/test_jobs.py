@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,6 +91,10 @@ def ray_head(tmp_path):
     finally:  # what `ray stop --force` does, to this head's processes only
         os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=60)
+        # `ray start` recorded this head as the machine's current cluster; `ray stop` would have removed that.
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
 
 
 @pytest.mark.slow(seconds=90)
