@@ -68,11 +68,29 @@ def _ray_session():
         sys.modules["ray"].shutdown()
 
 
+def _wait_for_free_cpus(ray, seconds: float = 30.0) -> bool:
+    """True once every CPU of the cluster is free again (a finished test's actors and placement groups gone)."""
+    import time
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if ray.available_resources().get("CPU", 0.0) >= ray.cluster_resources().get("CPU", 0.0) - 1e-6:
+            return True
+        time.sleep(0.5)
+    return False
+
+
 @pytest.fixture
 def ray_cluster(_ray_session):
     """The shared local Ray: started by the first test that asks, kept for the session (started again only
-    after a test that needed its own)."""
-    return _start_ray()
+    after a test that needed its own). A test must hand it back with every CPU free: CPUs still reserved
+    (a leaked actor or placement group) would starve the next test's tasks, so the test fails."""
+    ray = _start_ray()
+    yield ray
+    if ray.is_initialized() and not _wait_for_free_cpus(ray):
+        held = ray.cluster_resources().get("CPU", 0.0) - ray.available_resources().get("CPU", 0.0)
+        ray.shutdown()  # the next test starts a clean one
+        pytest.fail(f"the test left {held:g} CPUs of the shared Ray cluster reserved (a leaked actor or placement group)")
 
 
 def _joining_env(ray) -> dict:
