@@ -79,9 +79,13 @@ def ray_head(tmp_path):
     env = {**ENV, "RAY_AUTH_MODE": "token"}
     log = tmp_path / "ray-head.log"
     with open(log, "w") as out:
+        # Every port its own: the suite's local clusters (their dashboard agents too) may be running beside it.
+        ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                                                          "runtime-env-agent-port")]
         head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
-                                 "--disable-usage-stats"], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *ports, "--num-cpus=2",
+                                 "--include-dashboard=true", "--disable-usage-stats"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.time() + 180
         while "Ray runtime started" not in log.read_text():

@@ -21,11 +21,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
         ray.init(address=address, log_to_driver=True)
         log.info("ray: connected to %s", address)
     else:
-        # A local Ray for this process only, nothing listening beyond this machine (the dashboard on 127.0.0.1).
-        # The dashboard serves the State API, which Ray Train's placement-group cleaner needs: without it a
-        # run whose controller is killed (an ASHA-stopped trial) keeps its CPUs reserved for good.
-        # "local": a new one even where `ray start` left a cluster behind (ray.init would join that one).
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        # A local Ray for this process only: no dashboard, nothing listening beyond this machine. "local": a
+        # new one even where `ray start` left a cluster behind (ray.init would otherwise join that one).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
         log.info("ray: started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
     return ray
 
