@@ -53,19 +53,27 @@ SHARED_RUN_GROUPS = {"fast_pipeline": "fast-pipeline"}
 
 
 def _start_ray():
+    """The shared local Ray, started if it is not running. A test hands it back with every CPU free, or it
+    is shut down (see ray_cluster), so what this returns has all its CPUs free."""
     from kdci_ray.distributed import ensure_ray
 
     return ensure_ray(num_cpus=RAY_CPUS)
+
+
+def _ray_running() -> bool:
+    import sys
+
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 @pytest.fixture(scope="session")
 def _ray_session():
     """Shuts down whatever local Ray the session left running (at most one per process)."""
     yield
-    import sys
+    if _ray_running():
+        import ray
 
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        sys.modules["ray"].shutdown()
+        ray.shutdown()
 
 
 def _wait_for_free_cpus(ray, seconds: float = 5.0) -> bool:
@@ -119,11 +127,7 @@ def fast_pipeline(_ray_session, digits_teacher, tmp_path_factory):
     import subprocess
     import sys
 
-    ray = _start_ray()
-    if not _wait_for_free_cpus(ray):  # a session fixture may come after a test that left CPUs reserved
-        ray.shutdown()
-        ray = _start_ray()
-    env = _joining_env(ray)
+    env = _joining_env(_start_ray())
     work = tmp_path_factory.mktemp("fast-pipeline")
     cmd = [sys.executable, str(REPO / "benchmarks" / "pipeline_e2e.py"), "--config", str(REPO / "configs" / "fast-digits-digits_cnn-digits_cnn_small.yaml"),
            "--teacher-weights", str(digits_teacher), "--shards", "2", "--calls-per-shard", "2",
@@ -145,12 +149,6 @@ def own_ray(_ray_session):
     ray = _start_ray()
     yield ray
     ray.shutdown()
-
-
-def _ray_running() -> bool:
-    import sys
-
-    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 @pytest.fixture(autouse=True)
