@@ -4,7 +4,6 @@ config with its overrides, user errors as one line and exit code 2, and a JSON r
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -26,7 +25,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def run(main) -> None:
     """Call `main()` -> dict; print it as one JSON line; input errors print one line and exit 2."""
-    from kdci_ray.cli import USER_ERRORS
+    from kdci_ray.cli import USER_ERRORS, print_result
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
@@ -34,4 +33,4 @@ def run(main) -> None:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps(result, default=str))
+    print_result(result)

@@ -16,6 +16,16 @@ from .registry import UnknownNameError
 USER_ERRORS = (ConfigError, DatasetError, WeightsError, UnknownNameError, FileExistsError, FileNotFoundError, ValueError)
 
 
+def print_result(result: dict) -> None:
+    """The command's result as one JSON line, the last line of stdout (scripts read it with `tail -1`). Ray is
+    released first: it forwards log lines to the driver's stdout at any time, also after the work is done."""
+    if "ray" in sys.modules:  # (a command that never used Ray imports nothing more)
+        from .distributed.session import release_ray
+
+        release_ray()
+    print(json.dumps(result, default=str), flush=True)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import dataset_info, load_dataset
     from .engine import evaluate_classifier, resolve_runtime
@@ -33,8 +43,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     runtime = resolve_runtime(args.device, args.precision, "auto")
     # The card's normalisation wins: it is what the weights were trained with.
     metrics = evaluate_classifier(model, dataset, args.batch_size, runtime, card.normalize_mean, card.normalize_std)
-    print(json.dumps({"top1": round(metrics["top1"], 4), "top5": round(metrics["top5"], 4), "n": metrics["n"],
-                      "arch": card.arch, "dataset": args.dataset, "split": split}))
+    print_result({"top1": round(metrics["top1"], 4), "top5": round(metrics["top5"], 4), "n": metrics["n"],
+                  "arch": card.arch, "dataset": args.dataset, "split": split})
     return 0
 
 
@@ -49,8 +59,8 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
         result = train_teacher_on_ray(cfg, num_workers=args.workers, address=args.address)
     else:
         result = train_teacher(cfg)
-    print(json.dumps({"weights": result["weights"], "top1": round(result["top1"], 4), "top5": round(result["top5"], 4),
-                      "seconds": round(result["seconds"], 1)}))
+    print_result({"weights": result["weights"], "top1": round(result["top1"], 4), "top5": round(result["top5"], 4),
+                  "seconds": round(result["seconds"], 1)})
     return 0
 
 
@@ -78,7 +88,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         summary["test_top1_compensated"] = final.get("test_top1_compensated")
     if run_id is not None:
         summary["mlflow_run_id"] = run_id
-    print(json.dumps(summary))
+    print_result(summary)
     return 0
 
 
@@ -123,7 +133,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, DistillConfig, args.set)
     summary = sweep_from_args(cfg, args)
-    print(json.dumps(summary, default=str))
+    print_result(summary)
     return 0
 
 
@@ -147,7 +157,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print(summary_table(summary), file=sys.stderr)
     print(f"Everything is in MLflow (experiment {summary['experiment']}, run {summary['mlflow_run_id']}); open it with:\n\n"
           f"    {ui_command(summary['tracking_uri'])}\n", file=sys.stderr)
-    print(json.dumps(summary, default=str))
+    print_result(summary)
     failed = failed_trials(summary)
     if failed:  # the table shows them; the exit code tells scripts
         print(f"kdci-ray quickstart: {len(failed)} sweep trial(s) failed (first: {failed[0]['error'][:500]}); run it again to retry them",
@@ -166,7 +176,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     out = reproduce(table, config_dir=Path(args.config).parent, overrides=args.set, storage_path=args.storage,
                     experiment=args.experiment, tracking_uri=args.tracking_uri, address=args.address)
     print(Path(out["files"]["markdown"]).read_text(), file=sys.stderr)
-    print(json.dumps(out, default=str))
+    print_result(out)
     return 1 if out["failed"] else 0
 
 

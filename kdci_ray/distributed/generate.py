@@ -128,7 +128,8 @@ class SynthesisWorker(_Worker):
 
 def _pool(ray, size: int):
     """A fixed actor pool that starts every actor before handing out tasks, one task per actor at a time:
-    tasks are long (a whole shard), so spreading them beats queueing them on the first actor up."""
+    tasks are long (a whole shard), so spreading them beats queueing them on the first actor up. Call it
+    before making the Dataset: a Dataset copies the DataContext when it is made, and a later change is lost."""
     ray.data.DataContext.get_current().wait_for_min_actors_s = 600
     return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
 
@@ -187,9 +188,10 @@ def generate(
     t0 = time.perf_counter()
     results = []
     if tasks:
+        compute = _pool(ray, min(actors, len(tasks)))
         ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
         ds = ds.map_batches(SynthesisWorker, fn_constructor_args=(cfg.model_dump(mode="json"),), batch_size=1,
-                            compute=_pool(ray, min(actors, len(tasks))), **resources)
+                            compute=compute, **resources)
         results = ds.take_all()
     kept_rows = sum(pq.read_metadata(f).num_rows for f in done.values())
     seconds = time.perf_counter() - t0
@@ -248,9 +250,11 @@ def select_wild(
     ray = ensure_ray()
     resources, actors = _resources(ray, actors, gpus_per_actor, cpus_per_actor)
     t0 = time.perf_counter()
+    pool = min(actors, len(tasks))
+    compute = _pool(ray, pool)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(SelectionWorker, fn_constructor_args=(cfg.model_dump(mode="json"),), batch_size=1,
-                        compute=_pool(ray, min(actors, len(tasks))), **resources)
+                        compute=compute, **resources)
     rows = ds.take_all()
     selection = merge_selections([Selection(torch.tensor(r["scores"]), torch.tensor(r["indices"])) for r in rows], k)
     for lo in range(0, len(selection), 4096):  # the same pool filling as the single-process DFND
@@ -262,7 +266,7 @@ def select_wild(
     np.save(out / "selected_rows.npy", selection.indices.numpy())
     return write_manifest(out, cfg, {
         "method": "dfnd", "selected": len(selection), "wild_rows": len(wild), "shards": len(tasks), "seconds": round(time.perf_counter() - t0, 2),
-        "workers": sorted({int(r["worker"]) for r in rows}),
+        "actors": pool, "workers": sorted({int(r["worker"]) for r in rows}),  # (an actor may take every shard)
     })
 
 
@@ -306,8 +310,9 @@ def teacher_features(cfg: DistillConfig, files: list[Path], out: str | Path, act
         ray = ensure_ray()
         resources, actors = _resources(ray, actors, gpus_per_actor, cpus_per_actor)
         t0 = time.perf_counter()
+        compute = _pool(ray, min(actors, len(tasks)))
         ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
         ds.map_batches(FeatureWorker, fn_constructor_args=(cfg.model_dump(mode="json"),), batch_size=1,
-                       compute=_pool(ray, min(actors, len(tasks))), **resources).take_all()
+                       compute=compute, **resources).take_all()
         log.info("teacher features: %d files in %.1f s", len(tasks), time.perf_counter() - t0)
     return targets

@@ -28,6 +28,17 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
     return ray
 
 
+def release_ray() -> None:
+    """Disconnect this process from Ray (a local Ray it started ends with it). Called before a command prints
+    its JSON result line: Ray forwards its workers' and raylet's log lines to the driver's stdout at any
+    time, and one arriving after the result would make it no longer the last line."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def actor_cpus(actors: int, reserve: float = 1.0, cap: float | None = 1.0) -> float:
     """CPUs per actor so that `actors` actors leave `reserve` CPUs free for Ray Data's read and other
     stages: an actor pool that takes every CPU starves the stage feeding it and hangs. `cap`: at most this
