@@ -30,11 +30,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache(tmp_path_factory):
-    """Decoded arrays and unpacked archives go to a per-session folder, never the user's cache."""
+    """Decoded arrays and unpacked archives go to a per-session folder, never the user's cache. The xdist
+    workers of one session share it (the cache's build lock makes one of them decode, the others wait)."""
     if "KDCI_RAY_TEST_CACHE" in os.environ:  # reuse between local runs when asked
         os.environ["KDCI_RAY_CACHE"] = os.environ["KDCI_RAY_TEST_CACHE"]
     else:
-        os.environ["KDCI_RAY_CACHE"] = str(tmp_path_factory.mktemp("kdci_cache"))
+        base = tmp_path_factory.getbasetemp()
+        shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "kdci_cache"
+        shared.mkdir(exist_ok=True)
+        os.environ["KDCI_RAY_CACHE"] = str(shared)
     # MLflow runs of the tests go to a per-session sqlite store, never runs/mlflow of the checkout.
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     yield

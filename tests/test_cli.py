@@ -63,7 +63,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 
 @pytest.mark.slow(seconds=20)
 @pytest.mark.parametrize("arch,top1", [("wrn40_2", 89.50), ("resnet34", 91.10)])
-def test_reference_teachers_score_their_recorded_accuracy(arch, top1, shared_dir, tmp_path_factory):
+def test_reference_teachers_score_their_recorded_accuracy(arch, top1, shared_dir, cifar10_archive):
     """The reference teachers in fp32 on every 10th image of the shared CIFAR-10 test split (1,000, all classes),
     through the loaders and the evaluation `kdci-ray evaluate` uses. On the whole split (`kdci-ray evaluate
     --arch wrn40_2 ...`, ~1-2 min each here) they score 90.65 and 91.68 %, as their cards say."""
@@ -72,15 +72,7 @@ def test_reference_teachers_score_their_recorded_accuracy(arch, top1, shared_dir
     from kdci_ray.engine import evaluate_classifier, resolve_runtime
     from kdci_ray.models import load_classifier
 
-    root = tmp_path_factory.getbasetemp() / "cifar10-unpacked"
-    if not (root / "cifar10-jpeg").is_dir():
-        import tarfile
-
-        from kdci_ray.data.base import safe_extract
-
-        with tarfile.open(shared_dir / "data" / "cifar10-jpeg.tar.gz") as tar:
-            safe_extract(tar, root)
-    test = load_dataset("cifar10", root / "cifar10-jpeg", "test")
+    test = load_dataset("cifar10", cifar10_archive, "test")  # unpacked and decoded once for the session
     every_tenth = ArrayImageDataset(test.images[::10], test.labels[::10], test.info, test.split)
     model, card = load_classifier(shared_dir / "teachers" / f"cifar10_{arch}.safetensors", arch=arch)
     metrics = evaluate_classifier(model, every_tenth, 256, resolve_runtime("cpu", "fp32", "auto"), card.normalize_mean, card.normalize_std)

@@ -178,6 +178,48 @@ def test_cifar10_imagefolder_layout_and_cache(tmp_path, monkeypatch):
     assert np.array_equal(again.images, ds.images)
 
 
+def _build_cached(args):
+    """(In a child process) cached_arrays with a build that leaves a mark and takes a while."""
+    import os
+
+    cache, source, marks = args
+    os.environ["KDCI_RAY_CACHE"] = cache
+
+    def build():
+        (Path(marks) / str(os.getpid())).touch()
+        time.sleep(1.0)
+        return np.arange(12, dtype=np.uint8).reshape(3, 4), np.arange(3)
+
+    x, y = data_base.cached_arrays({"name": "t", "split": "s"}, [Path(source)], build)
+    return x.tolist(), y.tolist()
+
+
+def test_processes_filling_one_cache_entry_build_it_once(tmp_path):
+    """Ray workers of one node load the same split at once: one decodes, the others wait and read its arrays."""
+    import multiprocessing
+
+    source, marks = tmp_path / "source.bin", tmp_path / "marks"
+    source.write_bytes(b"data")
+    marks.mkdir()
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        results = pool.map(_build_cached, [(str(tmp_path / "cache"), str(source), str(marks))] * 3)
+    assert len(list(marks.iterdir())) == 1
+    assert results == [(np.arange(12).reshape(3, 4).tolist(), [0, 1, 2])] * 3
+
+
+def test_digits_load_from_the_cache_after_the_first_time(tmp_path, monkeypatch):
+    """The first load caches the split; later loads (every Ray worker of a digits run) read the arrays and
+    neither import scikit-learn nor split again."""
+    from kdci_ray.data import digits as digits_module
+
+    monkeypatch.setenv("KDCI_RAY_CACHE", str(tmp_path))
+    first = load_dataset("digits", None, "test")
+    monkeypatch.setattr(digits_module, "digits_arrays", lambda: pytest.fail("loaded through scikit-learn again"))
+    again = load_dataset("digits", None, "test")
+    assert len(first) == 450 and np.array_equal(first.images, again.images) and np.array_equal(first.labels, again.labels)
+    assert len([p for p in (tmp_path / "arrays").glob("digits-test-*") if p.is_dir()]) == 1  # one entry (and its lock)
+
+
 def test_cifar10_imagefolder_wrong_classes(tmp_path):
     write_png(tmp_path / "train" / "not_a_class" / "0.png", np.zeros((32, 32, 3), np.uint8))
     with pytest.raises(DatasetError, match="do not match the 10 cifar10 classes"):

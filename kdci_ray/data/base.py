@@ -14,6 +14,7 @@ import os
 import shutil
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -157,6 +158,24 @@ def _file_fingerprint(paths: Sequence[Path]) -> str:
     return h.hexdigest()[:24]
 
 
+@contextmanager
+def _build_lock(target: Path):
+    """Held while one process fills a cache entry: the other processes of a node (Ray Train workers, actors)
+    that want the same entry wait and then read it, instead of all decoding the same files at once."""
+    try:
+        import fcntl
+    except ImportError:  # (no flock: each process builds its own copy; the renames keep the cache whole)
+        yield
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def cached_arrays(
     key_parts: dict, source_files: Sequence[Path], build: Callable[[], tuple[np.ndarray, np.ndarray | None]]
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -169,20 +188,25 @@ def cached_arrays(
     ).hexdigest()[:24]
     folder = cache_root() / "arrays" / f"{key_parts.get('name', 'data')}-{key_parts.get('split', '')}-{key}"
     x_path, y_path = folder / "x.npy", folder / "y.npy"
+
+    def read() -> tuple[np.ndarray, np.ndarray | None]:
+        return np.load(x_path), (np.load(y_path) if y_path.exists() else None)
+
     if x_path.exists():
-        x = np.load(x_path)
-        y = np.load(y_path) if y_path.exists() else None
-        return x, y
-    x, y = build()
-    folder.mkdir(parents=True, exist_ok=True)
-    # Write-then-rename so a crash mid-write never leaves a truncated cache behind.
-    tmp_x = folder / f"x.{os.getpid()}.tmp.npy"
-    np.save(tmp_x, x)
-    if y is not None:
-        tmp_y = folder / f"y.{os.getpid()}.tmp.npy"
-        np.save(tmp_y, y)
-        os.replace(tmp_y, y_path)
-    os.replace(tmp_x, x_path)
+        return read()
+    with _build_lock(folder):
+        if x_path.exists():  # built by another process while this one waited
+            return read()
+        x, y = build()
+        folder.mkdir(parents=True, exist_ok=True)
+        # Write-then-rename so a crash mid-write never leaves a truncated cache behind.
+        tmp_x = folder / f"x.{os.getpid()}.tmp.npy"
+        np.save(tmp_x, x)
+        if y is not None:
+            tmp_y = folder / f"y.{os.getpid()}.tmp.npy"
+            np.save(tmp_y, y)
+            os.replace(tmp_y, y_path)
+        os.replace(tmp_x, x_path)
     return x, y
 
 
@@ -194,21 +218,24 @@ def unpack_archive(archive: Path) -> Path:
     done = dest / ".complete"
     if done.exists():
         return dest
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
-        with tarfile.open(archive) as tar:
-            safe_extract(tar, tmp)
-        (tmp / ".complete").write_text("ok\n")
+    with _build_lock(dest):
+        if done.exists():  # unpacked by another process while this one waited
+            return dest
+        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
         try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not done.exists():  # not another process winning the race: a real failure
-                raise
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise DatasetError(f"could not unpack {archive}: {exc}") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            with tarfile.open(archive) as tar:
+                safe_extract(tar, tmp)
+            (tmp / ".complete").write_text("ok\n")
+            try:
+                os.replace(tmp, dest)
+            except OSError:
+                if not done.exists():  # not another process winning the race: a real failure
+                    raise
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DatasetError(f"could not unpack {archive}: {exc}") from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

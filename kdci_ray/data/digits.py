@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from .base import DATASETS, ArrayImageDataset, DatasetInfo, check_split
+from .base import DATASETS, ArrayImageDataset, DatasetInfo, cached_arrays, check_split
 
 DIGITS = DatasetInfo(
     name="digits",
@@ -41,9 +43,36 @@ def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
     return {"train": np.sort(train), "test": np.sort(test)}
 
 
+def _sklearn_source() -> tuple[dict, list[Path]]:
+    """scikit-learn's version and its digits file, found without importing it (the import costs every
+    process that loads digits a second or more: each Ray worker and actor of a digits run)."""
+    import importlib.metadata
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    data = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    version = importlib.metadata.version("scikit-learn") if spec else None
+    return {"sklearn": version}, [data] if data is not None and data.is_file() else []
+
+
+def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split's (images, labels), cached as arrays after the first load (see cached_arrays)."""
+
+    def build() -> tuple[np.ndarray, np.ndarray]:
+        images, labels = digits_arrays()
+        idx = split_indices(labels)[split]
+        return images[idx], labels[idx]
+
+    version, files = _sklearn_source()
+    if not files:  # an unusual scikit-learn layout: load it every time
+        return build()
+    key = {"name": "digits", "split": split, "test_fraction": TEST_FRACTION, "seed": SPLIT_SEED, **version}
+    images, labels = cached_arrays(key, files, build)
+    return images, labels
+
+
 @DATASETS.register("digits", info=DIGITS)
 def digits(root=None, split: str = "train", download: bool = False) -> ArrayImageDataset:
     check_split(DIGITS, split)
-    images, labels = digits_arrays()
-    idx = split_indices(labels)[split]
-    return ArrayImageDataset(images[idx], labels[idx], DIGITS, split)
+    images, labels = digits_split(split)
+    return ArrayImageDataset(images, labels, DIGITS, split)

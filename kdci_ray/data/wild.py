@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import DATASETS, ArrayImageDataset, DatasetError, DatasetInfo, FileImageDataset, check_split, list_images, resolve_root
-from .digits import DIGITS, digits_arrays, split_indices
+from .digits import DIGITS, digits_split
 
 IMAGEFOLDER = DatasetInfo(
     name="imagefolder",
@@ -61,8 +61,7 @@ def digits_wild_arrays() -> np.ndarray:
     """Three out-of-domain variants of each digits *train* image (the split the teacher saw; the test split,
     which scores students, is never used): heavy Gaussian noise, a 50/50 blend with another digit, and a
     mosaic of quadrants from four digits. Fixed seed: the same 4,041 images everywhere."""
-    images, labels = digits_arrays()
-    train = images[split_indices(labels)["train"]].astype(np.float32)  # N,8,8,1 in 0..255
+    train = digits_split("train")[0].astype(np.float32)  # N,8,8,1 in 0..255
     rng = np.random.default_rng(WILD_SEED)
     n = len(train)
     noisy = train + rng.normal(0.0, 0.35 * 255, train.shape)
