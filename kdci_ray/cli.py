@@ -118,7 +118,8 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", default="test_top1")
     p.add_argument("--mode", default="max", choices=["max", "min"])
     p.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial")
-    p.add_argument("--max-concurrent", type=int, default=2, help="trials at once")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the GPUs hold, e.g. 4 per GPU at "
+                   "--gpus-per-worker 0.25; 2 on CPUs)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train DDP workers per trial")
     p.add_argument("--gpus-per-worker", type=float, help="fractional GPUs let several small trials share one GPU (e.g. 0.25)")
     p.add_argument("--storage", help="sweep storage (default: $KDCI_STORAGE/ray, else runs/ray)")

@@ -278,7 +278,7 @@ class TableConfig(Section):
     set: list[Text] = Field([], description="overrides (key=value) applied to every cell's config")
     gpus_per_trial: float | None = Field(None, gt=0, description="fractional GPUs per cell (one DDP worker); None: CPU trials")
     workers_per_trial: Int = Field(1, ge=1)
-    max_concurrent: Int = Field(4, ge=1)
+    max_concurrent: Int | None = Field(None, ge=1, description="trials at once; None: as many as the GPUs hold (0.25: 4 per GPU), 2 on CPUs")
     reference: dict[Text, dict[Text, float]] = Field({}, description="published top-1 per method and pair, shown beside ours")
 
     @field_validator("methods")
@@ -290,6 +290,13 @@ class TableConfig(Section):
         if len(set(names)) != len(names):
             raise ValueError(f"methods repeat: {names}")
         return names
+
+    @model_validator(mode="after")
+    def _one_worker_per_gpu_fraction(self) -> "TableConfig":
+        if self.gpus_per_trial is not None and self.gpus_per_trial < 1 and self.workers_per_trial > 1:
+            raise ValueError(f"gpus_per_trial = {self.gpus_per_trial:g} with workers_per_trial = {self.workers_per_trial} puts DDP ranks "
+                             "of one cell on one GPU (NCCL refuses that): set workers_per_trial: 1, or whole GPUs")
+        return self
 
 
 C = TypeVar("C", bound=BaseModel)

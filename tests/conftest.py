@@ -50,7 +50,7 @@ def _session_cache(tmp_path_factory):
 # head (killing workers or drivers, token auth, `ray job submit`) start one of their own (`own_ray`, or a
 # subprocess). All of them are marked `ray`.
 RAY_CPUS = 2  # the suite's Ray tests are sized for 2 CPUs (actor and worker CPU shares)
-RAY_FIXTURES = {"ray_cluster", "ray_env", "own_ray", "ray_head", "fast_pipeline"}
+RAY_FIXTURES = {"ray_cluster", "ray_env", "own_ray", "gpu_ray", "ray_head", "fast_pipeline"}
 # Tests that share one expensive Ray run through a session fixture: one xdist group each, so the run is made
 # once (in one worker) and not once per worker.
 SHARED_RUN_GROUPS = {"fast_pipeline": "fast-pipeline"}
@@ -151,6 +151,19 @@ def own_ray(_ray_session):
     if ray.is_initialized():
         ray.shutdown()
     ray = _start_ray()
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def gpu_ray(_ray_session):
+    """A local Ray of this test's own with one logical GPU (Ray's accounting only, no CUDA behind it): every
+    GPU placement decision is made as on a 1-GPU machine. The shared cluster comes back for the next test."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=RAY_CPUS, num_gpus=1, include_dashboard=False)
     yield ray
     ray.shutdown()
 

@@ -24,6 +24,8 @@ def test_cluster_yaml_validates_against_rays_schema_and_names_every_required_key
     workers = [n for name, n in nodes.items() if name != config["head_node_type"]]
     assert workers and all(w["min_workers"] == 0 for w in workers)  # autoscaling from zero
     setup = " ".join(config["setup_commands"])
-    assert "kdci_ray[gpu]" in setup and "faiss-gpu" in setup and "KDCI_STORAGE" in setup
+    assert "whl/cu128" in setup and "kdci_ray @ git+" in setup and "faiss" not in setup and "KDCI_STORAGE" in setup
+    assert "torch.cuda.is_available()" in " ".join(config["worker_setup_commands"])  # a GPU node without CUDA fails setup
+    assert "KDCI_EXPECT_AUTOSCALED_GPUS=1 ray start --head" in " ".join(config["head_start_ray_commands"])  # drivers ask for GPUs
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
     assert config["idle_timeout_minutes"] > 0

@@ -36,7 +36,7 @@ from ..kdci import teacher_blocks
 from ..synthesis import create_synthesizer, merge_selections, select_top_k
 from ..synthesis.pool import read_pool_parquet, write_pool_parquet
 from ..synthesis.selection import Selection
-from .session import actor_cpus, ensure_ray, limit_threads_to_cpu_share
+from .session import AUTOSCALED_GPUS_ENV, actor_cpus, check_gpu_workers_see_cuda, cluster_gpus, ensure_ray, limit_threads_to_cpu_share
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -61,8 +61,9 @@ def _our_shards(out: Path) -> dict[int, Path]:
     return found
 
 
-def prepare_output(out: Path, mode: str, cfg: DistillConfig | None = None, shards: int | None = None) -> dict[int, Path]:
-    """Check `out` for `mode`; returns the shards a resume keeps. Only files this module wrote are removed."""
+def prepare_output(out: Path, mode: str, cfg: DistillConfig | None = None, shards: int | None = None, apply: bool = True) -> dict[int, Path]:
+    """Check `out` for `mode`; returns the shards a resume keeps. Only files this module wrote are removed.
+    `apply=False`: only the checks (nothing removed or created), for a caller with more to check first."""
     if mode not in ("fail", "resume", "overwrite"):
         raise ValueError(f"mode must be fail, resume or overwrite, got {mode!r}")
     kept: dict[int, Path] = {}
@@ -70,9 +71,10 @@ def prepare_output(out: Path, mode: str, cfg: DistillConfig | None = None, shard
         if mode == "fail":
             raise FileExistsError(f"{out} already holds files: choose another folder, or resume / overwrite")
         ours = _our_shards(out)
-        (out / MANIFEST).unlink(missing_ok=True)  # rewritten at the end: never a stale manifest after a crash
+        if apply:
+            (out / MANIFEST).unlink(missing_ok=True)  # rewritten at the end: never a stale manifest after a crash
         if mode == "overwrite":
-            for f in ours.values():
+            for f in ours.values() if apply else ():
                 f.unlink()
         else:
             want = config_hash(cfg) if cfg is not None else None
@@ -84,7 +86,8 @@ def prepare_output(out: Path, mode: str, cfg: DistillConfig | None = None, shard
                 if shards is not None and shard >= shards:
                     raise ValueError(f"resume: {f} is shard {shard} but this run has {shards} shards; use the same --shards")
             kept = ours
-    out.mkdir(parents=True, exist_ok=True)
+    if apply:
+        out.mkdir(parents=True, exist_ok=True)
     return kept
 
 
@@ -137,13 +140,19 @@ def _pool(ray, size: int):
 def _resources(ray, actors: int, gpus_per_actor: float | None, cpus_per_actor: float | None) -> tuple[dict, int]:
     """Actor resources and pool size. GPUs are decided from the cluster, not the driver's machine (the
     driver may run on a CPU-only head); a pool never asks for more GPU actors than the cluster has now."""
-    cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
-    if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if cluster_gpus > 0 else 0.0
+    total, largest = cluster_gpus(ray)
+    autoscaled = bool(os.environ.get(AUTOSCALED_GPUS_ENV))
+    if gpus_per_actor is None:  # GPU actors when the cluster has (or its autoscaler adds) GPUs
+        gpus_per_actor = 1.0 if total > 0 or autoscaled else 0.0
     if gpus_per_actor > 0:
-        if cluster_gpus > 0:
-            actors = max(1, min(actors, int(cluster_gpus // gpus_per_actor)))
-        return {"num_gpus": gpus_per_actor, "num_cpus": cpus_per_actor or 1.0}, actors
+        if gpus_per_actor > largest and not autoscaled:  # it would wait for ever
+            raise ValueError(f"gpus per actor = {gpus_per_actor:g} but the cluster's largest node has {largest:g} GPU(s): ask for at "
+                             f"most that (0 for CPU actors), or set {AUTOSCALED_GPUS_ENV}=1 on a cluster whose autoscaler adds GPU nodes")
+        if total > 0:
+            actors = max(1, min(actors, int(total // gpus_per_actor)))
+        resources = {"num_gpus": gpus_per_actor, "num_cpus": cpus_per_actor or 1.0}
+        check_gpu_workers_see_cuda(ray, resources, "Ray Data actor")
+        return resources, actors
     return {"num_cpus": cpus_per_actor or actor_cpus(actors)}, actors
 
 
@@ -181,10 +190,11 @@ def generate(
     if shards < 1 or calls_per_shard < 1 or actors < 1:
         raise ValueError(f"shards, calls_per_shard and actors must be >= 1, got {shards}, {calls_per_shard}, {actors}")
     out = Path(out)
+    prepare_output(out, mode, cfg, shards, apply=False)  # a refused folder is refused before Ray starts
+    ray = ensure_ray()
+    resources, actors = _resources(ray, actors, gpus_per_actor, cpus_per_actor)  # and a refused pool before anything changes
     done = prepare_output(out, mode, cfg, shards)
     tasks = [{"shard": s, "seed": cfg.seed + s, "calls": calls_per_shard, "folder": str(out)} for s in range(shards) if s not in done]
-    ray = ensure_ray()
-    resources, actors = _resources(ray, actors, gpus_per_actor, cpus_per_actor)
     t0 = time.perf_counter()
     results = []
     if tasks:

@@ -50,6 +50,107 @@ def actor_cpus(actors: int, reserve: float = 1.0, cap: float | None = 1.0) -> fl
     return max(0.05, share if cap is None else min(cap, share))
 
 
+AUTOSCALED_GPUS_ENV = "KDCI_EXPECT_AUTOSCALED_GPUS"  # set on clusters whose autoscaler adds GPU nodes (cluster.yaml)
+
+
+def cluster_gpus(ray) -> tuple[float, float]:
+    """(GPUs in the cluster now, GPUs of its largest node): a worker's GPUs must all be on one node."""
+    largest = max((float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    return float(ray.cluster_resources().get("GPU", 0)), largest
+
+
+def check_gpu_fraction(gpus_per_worker: float | None, num_workers: int, what: str = "--workers") -> None:
+    """What can be refused before Ray starts: a worker count below 1, and a GPU fraction for several DDP
+    workers of one run (two ranks on one GPU: NCCL refuses that)."""
+    if num_workers < 1:
+        raise ValueError(f"{what} = {num_workers}: need at least 1 worker")
+    if gpus_per_worker is None or gpus_per_worker == 0:
+        return
+    if gpus_per_worker < 0 or (gpus_per_worker > 1 and gpus_per_worker != int(gpus_per_worker)):
+        raise ValueError(f"gpus per worker = {gpus_per_worker:g}: use a fraction below 1 or a whole number")
+    if gpus_per_worker < 1 and num_workers > 1:
+        raise ValueError(
+            f"gpus per worker = {gpus_per_worker:g} with {what} = {num_workers} would put DDP ranks of one run on one GPU "
+            "(NCCL refuses that): use a GPU fraction with 1 worker per run, or whole GPUs per worker"
+        )
+
+
+def train_worker_resources(
+    ray, num_workers: int, use_gpu: bool | None, gpus_per_worker: float | None, cpus_per_worker: float | None,
+    cpu_reserve: float = 1.0, what: str = "--workers",
+) -> tuple[bool, dict]:
+    """(use_gpu, resources per worker) of a Ray Train run, decided from the cluster before any worker starts.
+
+    GPU workers the cluster can never place are refused with what it has and what to change: Train would
+    otherwise wait for them for ever. A cluster whose autoscaler adds GPU nodes (KDCI_EXPECT_AUTOSCALED_GPUS=1,
+    set by cluster.yaml) gets its request as asked. A GPU fraction with more than one DDP worker would put
+    two ranks on one GPU, which NCCL refuses: refused too."""
+    check_gpu_fraction(gpus_per_worker, num_workers, what)
+    total, largest = cluster_gpus(ray)
+    autoscaled = bool(os.environ.get(AUTOSCALED_GPUS_ENV))
+    if use_gpu is None:  # GPUs when the cluster has (or its autoscaler adds) any
+        use_gpu = (total > 0 or autoscaled) if gpus_per_worker is None else gpus_per_worker > 0
+    if not use_gpu:
+        cpus = cpus_per_worker or actor_cpus(num_workers, reserve=cpu_reserve, cap=None)
+        return False, {"CPU": cpus}
+    per = 1.0 if not gpus_per_worker else float(gpus_per_worker)
+    if not autoscaled:
+        fix = (f"on an autoscaling cluster that adds GPU nodes set {AUTOSCALED_GPUS_ENV}=1 (cluster.yaml does), "
+               "or run on CPU workers (--cpu)")
+        if total == 0:
+            raise ValueError(f"GPU workers asked for but the cluster has no GPU now; {fix}")
+        if per > largest:
+            raise ValueError(f"gpus per worker = {per:g} but the largest node has {largest:g} GPU(s); ask for at most {largest:g}, or {fix}")
+        if per * num_workers > total:
+            fits = int(total // per)
+            raise ValueError(
+                f"{what} = {num_workers} GPU workers x {per:g} GPU need {per * num_workers:g} GPUs but the cluster has "
+                f"{total:g}: use {what} {fits}, or {fix}"
+            )
+    return True, {"CPU": cpus_per_worker or 1.0, "GPU": per}
+
+
+def cuda_report() -> dict:
+    """What this process's torch sees of CUDA, and the node's NVIDIA driver (run where a GPU worker runs)."""
+    import re
+    import socket
+    import subprocess
+
+    import torch
+
+    driver = None
+    try:  # the kernel module's version, without nvidia-smi
+        with open("/proc/driver/nvidia/version") as f:
+            found = re.search(r"Kernel Module\s+([0-9.]+)", f.read())
+            driver = found.group(1) if found else None
+    except OSError:
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                                    text=True, timeout=20).stdout.split("\n")[0].strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    available = torch.cuda.is_available()
+    return {"available": available, "devices": torch.cuda.device_count() if available else 0, "torch": torch.__version__,
+            "cuda_build": torch.version.cuda, "driver": driver, "node": socket.gethostname(),
+            "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def check_gpu_workers_see_cuda(ray, resources: dict, what: str = "worker") -> None:
+    """Before GPU work starts: one task with a worker's resources, placed as a worker would be, checks that
+    torch there sees CUDA. A CPU-only torch wheel, or a CUDA build newer than the node's driver, would
+    otherwise fail (or fall back to the CPU) only inside the workers, after every one of them started."""
+    gpus = resources.get("GPU", resources.get("num_gpus", 0))
+    cpus = resources.get("CPU", resources.get("num_cpus", 1))
+    report = ray.get(ray.remote(num_gpus=gpus, num_cpus=cpus)(cuda_report).remote())
+    if not report["available"]:
+        build = f"CUDA {report['cuda_build']}" if report["cuda_build"] else "CPU-only, no CUDA"
+        raise ValueError(
+            f"Ray gives each {what} {gpus:g} GPU but torch {report['torch']} ({build} build) on node {report['node']} sees no "
+            f"CUDA device (NVIDIA driver: {report['driver'] or 'not found'}; CUDA_VISIBLE_DEVICES={report['visible']}): "
+            "install the torch build for the node's CUDA (README, 'On a GPU cluster'), or run on CPU workers (--cpu)"
+        )
+
+
 def limit_threads_to_cpu_share() -> None:
     """Inside an actor: torch and faiss threads = its CPU share (at least 1), so actors sharing a node do not
     oversubscribe it. Outside Ray workers (the driver) nothing changes."""

@@ -37,7 +37,7 @@ from ..engine.distill import check_pool_run, distill, finished_history, make_sou
 from ..engine.parallel import rank_seed
 from ..models import ModelCard
 from .dictionary import pool_files
-from .session import actor_cpus, ensure_ray, limit_threads_to_cpu_share
+from .session import check_gpu_fraction, check_gpu_workers_see_cuda, ensure_ray, limit_threads_to_cpu_share, train_worker_resources
 
 log = logging.getLogger(__name__)
 OUTPUTS = "outputs"  # the core's run directory inside Ray's run folder
@@ -266,6 +266,7 @@ def distill_on_ray(
     address: str | None = None,
     callbacks: list | None = None,
     mlflow_run: dict | None = None,
+    probe_cuda: bool = True,
 ) -> RayDistillResult:
     """Run `cfg` as a Ray Train job of `num_workers` DDP workers; submitting the same (storage_path, name)
     again resumes it (a finished run returns its results without training).
@@ -273,9 +274,9 @@ def distill_on_ray(
     `use_gpu` None: GPUs when the cluster has any. `cpus_per_worker` None: one GPU worker takes 1 CPU; CPU
     workers share the CPUs leaving one free for Ray Data's reading. `callbacks`: Ray Train user callbacks
     (Tune's TuneReportCallback in a sweep); `mlflow_run`: {"uri", "run_id"} that rank 0 logs its epochs to.
+    `probe_cuda`: check that torch sees CUDA where GPU workers run before starting them (a sweep checks once).
     """
-    if num_workers < 1:
-        raise ValueError(f"num_workers = {num_workers}: need at least 1")
+    check_gpu_fraction(gpus_per_worker, num_workers)
     cfg = with_absolute_paths(cfg)
     _check_inputs(cfg)
     storage = resolve_storage(storage_path)
@@ -289,12 +290,11 @@ def distill_on_ray(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    if use_gpu is None:
-        use_gpu = float(ray.cluster_resources().get("GPU", 0)) > 0
-    # CPU workers share the CPUs, one left free for Ray Data's reading (and the Train controller).
-    resources = {"CPU": cpus_per_worker or (1.0 if use_gpu else actor_cpus(num_workers, reserve=1.0, cap=None))}
-    if use_gpu and gpus_per_worker is not None:  # a fraction lets several small runs (Tune trials) share a GPU
-        resources["GPU"] = gpus_per_worker
+    # CPU workers share the CPUs, one left free for Ray Data's reading (and the Train controller); a GPU
+    # fraction lets several one-worker runs (Tune trials) share a GPU.
+    use_gpu, resources = train_worker_resources(ray, num_workers, use_gpu, gpus_per_worker, cpus_per_worker, cpu_reserve=1.0)
+    if use_gpu and probe_cuda:
+        check_gpu_workers_see_cuda(ray, resources, "Ray Train worker")
     info = dataset_info(cfg.data.dataset)
     image_shape = [info.channels, info.image_size, info.image_size]
     datasets, rows_per_worker = {}, None
@@ -416,9 +416,9 @@ def train_teacher_on_ray(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    if use_gpu is None:
-        use_gpu = float(ray.cluster_resources().get("GPU", 0)) > 0
-    resources = {"CPU": cpus_per_worker or (1.0 if use_gpu else actor_cpus(num_workers, reserve=0.0, cap=None))}
+    use_gpu, resources = train_worker_resources(ray, num_workers, use_gpu, None, cpus_per_worker, cpu_reserve=0.0)
+    if use_gpu:
+        check_gpu_workers_see_cuda(ray, resources, "Ray Train worker")
     trainer = TorchTrainer(
         _teacher_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "use_gpu": use_gpu},

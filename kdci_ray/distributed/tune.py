@@ -17,13 +17,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from ..config import DistillConfig, apply_overrides, validate_config, with_absolute_paths
-from .session import ensure_ray
+from .session import check_gpu_fraction, check_gpu_workers_see_cuda, cluster_gpus, ensure_ray, train_worker_resources
 from .train import distill_on_ray, resolve_storage
 
 log = logging.getLogger(__name__)
@@ -97,7 +96,7 @@ def _trial(config: dict, bases: dict, parent: dict, settings: dict) -> None:
     if child is not None and child.status == "FINISHED":
         # Logged to the end before the sweep was killed (Tune had not recorded the trial): report, log nothing twice.
         result = distill_on_ray(cfg, num_workers=settings["workers"], use_gpu=settings["use_gpu"], cpus_per_worker=settings["cpus_per_worker"],
-                                gpus_per_worker=settings["gpus_per_worker"], storage_path=settings["storage"], max_failures=0)
+                                gpus_per_worker=settings["gpus_per_worker"], storage_path=settings["storage"], max_failures=0, probe_cuda=False)
         tune.report({k: float(v) for k, v in result.final.items() if isinstance(v, (int, float))})
         return
     if child is None:
@@ -109,7 +108,7 @@ def _trial(config: dict, bases: dict, parent: dict, settings: dict) -> None:
             cfg, num_workers=settings["workers"], use_gpu=settings["use_gpu"], cpus_per_worker=settings["cpus_per_worker"],
             gpus_per_worker=settings["gpus_per_worker"],
             storage_path=settings["storage"], max_failures=0, callbacks=[TuneReportCallback()],
-            mlflow_run={"uri": parent["uri"], "run_id": child.run_id},
+            mlflow_run={"uri": parent["uri"], "run_id": child.run_id}, probe_cuda=False,  # the sweep probed once
         )
     except BaseException:
         child.end("KILLED")  # ASHA stopping a trial, or an error: the run stays, marked as not finished
@@ -155,6 +154,16 @@ def _pool_dictionaries(cfg: DistillConfig, space: dict[str, Any], cache: Path, f
         paths[str(n)] = str(dictionary.save(folder / "dictionaries" / f"dictionary-n{n}.safetensors"))
     log.info("tune: dictionaries for N in %s built on the pool (trials load them)", sorted(set(n_spec)))
     return paths
+
+
+def concurrent_trials(cap: int | None, gpus: float, gpus_per_worker: float | None, workers_per_trial: int) -> int:
+    """Trials at once: the user's cap, else as many as the cluster's `gpus` hold (a 0.25 fraction runs 4
+    trials per GPU), else 2 (CPU trials share the machine)."""
+    if cap:
+        return cap
+    if gpus > 0:
+        return max(1, int(gpus // ((gpus_per_worker or 1.0) * workers_per_trial)))
+    return 2
 
 
 def sweep(
@@ -210,13 +219,7 @@ def sweep(
         known = {"test_top1", "test_top5", "train_loss"} | ({"test_top1_compensated", "test_top5_compensated"} if c.kdci.enabled else set())
         if metric not in known:
             raise ValueError(f"{where}metric = {metric!r}: the trials report {', '.join(sorted(known))}")
-    if workers_per_trial < 1:
-        raise ValueError(f"workers per trial = {workers_per_trial}: need at least 1")
-    if gpus_per_worker is not None and gpus_per_worker < 1 and workers_per_trial > 1:
-        raise ValueError(
-            f"gpus per worker = {gpus_per_worker} with {workers_per_trial} workers per trial would put one trial's DDP workers on "
-            "one GPU (NCCL refuses that): use fractional GPUs with --workers-per-trial 1, or whole GPUs"
-        )
+    check_gpu_fraction(gpus_per_worker, workers_per_trial, "--workers-per-trial")
     if search == "optuna":
         try:
             import optuna  # noqa: F401
@@ -234,13 +237,11 @@ def sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
-    if use_gpu is None:
-        use_gpu = cluster_gpus > 0
-    if use_gpu and cluster_gpus == 0 and not os.environ.get("KDCI_EXPECT_AUTOSCALED_GPUS"):
-        raise ValueError("GPU trials asked for (--gpus-per-worker) but the cluster has no GPUs now "
-                         "(on an autoscaling cluster set KDCI_EXPECT_AUTOSCALED_GPUS=1)")
-    concurrent = max_concurrent_trials or 2
+    # Each trial's workers must fit the cluster (refused here, not left pending by Tune for ever).
+    use_gpu, resources = train_worker_resources(ray, workers_per_trial, use_gpu, gpus_per_worker, 1.0, what="--workers-per-trial")
+    if use_gpu:
+        check_gpu_workers_see_cuda(ray, resources, "trial worker")
+    concurrent = concurrent_trials(max_concurrent_trials, cluster_gpus(ray)[0] if use_gpu else 0.0, gpus_per_worker, workers_per_trial)
     if cpus_per_worker is None and not use_gpu:
         # CPU trials share the machine: `concurrent` trials fit at once, with one CPU of slack — a finished
         # trial's Train actors release their resources asynchronously, and a next trial that needs every CPU

@@ -45,7 +45,7 @@ def resolve_use_gpu(use_gpu: bool | str) -> bool:
     if use_gpu == "auto":
         return faiss_has_gpu()
     if use_gpu and not faiss_has_gpu():
-        raise ValueError("use_gpu=True but this faiss has no GPUs (install faiss-gpu on a CUDA machine, or use 'auto')")
+        raise ValueError("use_gpu=True but this faiss has no GPUs (install a CUDA build of faiss (e.g. faiss-gpu-cu12) on a CUDA machine, or use 'auto')")
     return bool(use_gpu)
 
 
