@@ -75,9 +75,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.no_track:
         result = distill_from_config(cfg)
     else:
-        from .tracking import distill_tracked
+        from .tracking import distill_tracked, tracking_uri
 
-        result, run = distill_tracked(cfg, experiment=args.experiment, uri=args.tracking_uri)
+        uri = tracking_uri(args.tracking_uri)  # an unreachable server is refused before any work
+        result, run = distill_tracked(cfg, experiment=args.experiment, uri=uri)
         run_id = run.run_id
     final = result.final
     summary = {

@@ -152,3 +152,36 @@ def test_the_default_store_is_an_embedded_sqlite_database_in_a_predictable_place
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # inside `ray job submit`: a relative store is refused
     with pytest.raises(ValueError, match="absolute path"):
         tracking_uri("sqlite:///relative.db")
+
+
+def test_an_unreachable_tracking_server_or_a_file_store_is_one_line_in_seconds(tmp_path):
+    """MLflow's client would retry an unreachable server for minutes; the entry points say so at once (before
+    any work or Ray start), and name the fix for MLflow's old file store."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from kdci_ray.tracking.store import tracking_uri
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(ValueError, match=f"MLflow tracking server {dead} does not answer"):
+        tracking_uri(dead)
+    with pytest.raises(ValueError, match=r"file store, which MLflow 3 no longer takes: use a sqlite store, e\.g\. --tracking-uri sqlite:///"):
+        tracking_uri(f"file://{tmp_path / 'mlruns'}")
+    with pytest.raises(ValueError, match="file store"):
+        tracking_uri(str(tmp_path / "mlruns"))
+    repo = Path(__file__).resolve().parents[1]
+    config = repo / "configs" / "dfnd-digits-digits_cnn-digits_cnn_small.yaml"
+    for cmd in ([sys.executable, "-m", "kdci_ray.cli", "distill", "--config", str(config), "--set", f"output.dir={tmp_path / 'out'}",
+                 "--tracking-uri", dead],
+                [sys.executable, "jobs/tune.py", "--config", str(config), "--space", "kdci.n=[4,8]", "--storage", str(tmp_path / "ray"),
+                 "--tracking-uri", dead]):
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=60)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and dead in last and "does not answer" in last and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert time.perf_counter() - t0 < 15, cmd[1]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ray").exists()  # nothing started, nothing written

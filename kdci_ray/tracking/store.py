@@ -27,6 +27,7 @@ def tracking_uri(uri: str | None = None) -> str:
                              "give the sqlite file as an absolute path on shared storage (sqlite:////abs/path/mlflow.db)")
         return f"sqlite:///{path.resolve()}"
     if uri:
+        _check_remote_store(uri)
         return uri
     if os.environ.get("KDCI_STORAGE"):
         root = Path(os.environ["KDCI_STORAGE"]) / "mlflow"
@@ -37,6 +38,34 @@ def tracking_uri(uri: str | None = None) -> str:
         root = DEFAULT_DIR
     root.mkdir(parents=True, exist_ok=True)
     return default_uri(root)
+
+
+_ANSWERED: set[str] = set()  # tracking servers that answered in this process: asked once
+
+
+def _check_remote_store(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server that does not answer fails here in seconds, with one line naming it (MLflow's own
+    client retries for minutes first); MLflow's file store, which MLflow 3 no longer takes, is named with the fix."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme == "file" or (not scheme and ("/" in uri or uri.startswith((".", "~")))):  # (not "databricks")
+        path = uri.removeprefix("file://") if scheme else uri
+        raise ValueError(f"tracking URI {uri} is MLflow's file store, which MLflow 3 no longer takes: use a sqlite store, "
+                         f"e.g. --tracking-uri sqlite:///{Path(path).resolve() / 'mlflow.db'} (kdci-ray ui serves it)")
+    if scheme not in ("http", "https") or uri in _ANSWERED:
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as answer:
+            answer.read(64)
+    except urllib.error.HTTPError:
+        pass  # it answered (an error status, e.g. authentication, is MLflow's client's to report)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ValueError(f"MLflow tracking server {uri} does not answer ({reason}): start it, correct --tracking-uri / "
+                         "MLFLOW_TRACKING_URI, or use a local store (--tracking-uri sqlite:///<abs path>/mlflow.db)") from None
+    _ANSWERED.add(uri)
 
 
 def artifact_location(uri: str) -> str | None:
