@@ -27,6 +27,8 @@ def print_result(result: dict) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: limit must be >= 1 (the number of images to evaluate; leave it out for all)")
     from .data import dataset_info, load_dataset
     from .engine import evaluate_classifier, resolve_runtime
     from .models import load_classifier

@@ -236,7 +236,7 @@ def _synthesis_schema(value: Any) -> Any:
             where = ".".join(str(p) for p in err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                msg = f"unknown key for method {method!r} (check the spelling)"
+                msg = f"unknown key for method {method!r} (check the spelling)" + did_you_mean(SYNTHESIS_CONFIGS.get(method), err["loc"])
             given = "" if err["type"] == "missing" or isinstance(err.get("input"), dict) else f" = {err.get('input')!r}"
             problems.append(f"{where}{given}: {msg}")
         raise ValueError("; ".join(problems)) from None
@@ -332,13 +332,29 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
     return raw
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
+def did_you_mean(model: type[BaseModel] | None, loc: tuple) -> str:
+    """"; did you mean 'epochs'?" for an unknown key at `loc` of `model` (its nested sections followed),
+    or "" when nothing is close."""
+    import difflib
+    import typing
+
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(str(part))
+        if field is None:
+            return ""
+        options = [field.annotation, *typing.get_args(field.annotation)]  # a section, or an optional one
+        model = next((a for a in options if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    match = difflib.get_close_matches(str(loc[-1]), list(getattr(model, "model_fields", {})), n=1)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _format_errors(exc: ValidationError, source: str, schema: type[BaseModel] | None = None) -> str:
     lines = [f"invalid config {source}:"]
     for err in exc.errors():
         field_path = ".".join(str(p) for p in err["loc"]) or "<root>"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the allowed keys in configs/ or the schema)"
+            msg = "unknown key (check the spelling; see the allowed keys in configs/ or the schema)" + did_you_mean(schema, err["loc"])
         elif err["type"] == "missing":
             msg = "required field is missing"
         given = err.get("input")
@@ -351,7 +367,7 @@ def validate_config(schema: type[C], raw: dict[str, Any], source: str = "<dict>"
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+        raise ConfigError(_format_errors(exc, source, schema)) from None
 
 
 def load_config(path: str | Path, schema: type[C], overrides: list[str] | None = None) -> C:

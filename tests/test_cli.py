@@ -56,7 +56,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 
     save_classifier(create_model("digits_cnn_small", num_classes=10), weights, ModelCard("digits_cnn_small", 10, in_channels=1))
     res = run_cli("evaluate", "--weights", str(weights), "--dataset", "digits", "--limit", "0")
-    assert res.returncode == 2 and "limit must be >= 1" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "--limit 0: limit must be >= 1" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("--debug", "evaluate", "--weights", str(weights), "--dataset", "digits", "--limit", "0")
     assert res.returncode != 0 and "Traceback" in res.stderr
 

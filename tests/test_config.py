@@ -33,7 +33,9 @@ def test_overrides_are_typed():
         ("optim.schedule=linear", "optim.schedule = 'linear': Input should be 'cosine', 'constant' or 'step'"),
         ("model.arch=resnet35", "no such classifier 'resnet35'; known classifiers: digits_cnn"),
         ("data.dataset=cifar11", "did you mean 'cifar10'"),
-        ("optim.epoch=3", "optim.epoch = 3: unknown key"),
+        ("optim.epoch=3", "optim.epoch = 3: unknown key (check the spelling; see the allowed keys in configs/ or the schema); "
+                          "did you mean 'epochs'?"),
+        ("nmae=x", "nmae = 'x': unknown key (check the spelling; see the allowed keys in configs/ or the schema); did you mean 'name'?"),
         ("optim.batch_size=many", "optim.batch_size = 'many': Input should be a valid integer"),
         ("device=tpu", "device = 'tpu': String should match pattern"),
         ("name=has space", "name = 'has space'"),
@@ -75,3 +77,16 @@ def test_on_off_switches_survive_yaml_booleans():
     assert validate_config(TeacherTrainConfig, apply_overrides(dict(raw), ["channels_last=off"])).channels_last == "off"
     with pytest.raises(ConfigError, match="channels_last = 'sometimes'"):
         validate_config(TeacherTrainConfig, apply_overrides(dict(raw), ["channels_last=sometimes"]))
+
+
+def test_unknown_keys_of_a_method_and_of_optional_sections_get_a_close_match():
+    from kdci_ray.config import DistillConfig
+
+    def error(*overrides):
+        with pytest.raises(ConfigError) as exc:
+            load_config(CONFIGS / "dfnd-digits-digits_cnn-digits_cnn_small.yaml", DistillConfig, list(overrides))
+        return str(exc.value)
+
+    assert "num_selct = 3: unknown key for method 'dfnd' (check the spelling); did you mean 'num_select'?" in error("synthesis.num_selct=3")
+    assert "kdci.alpah = 1: unknown key" in error("kdci.alpah=1") and "did you mean 'alpha'?" in error("kdci.alpah=1")
+    assert "did you mean" not in error("kdci.zzzzzz=1")  # nothing close: no guess

@@ -118,9 +118,14 @@ def test_a_cut_run_resumes_exactly(method, digits_teacher, tmp_path):
 def test_kdci_n_larger_than_the_first_pool_is_refused_before_synthesis(digits_teacher, tmp_path):
     cfg = digits_config("deepinv", digits_teacher, tmp_path, "kdci.n=1000", "synthesis.batch_size=64")
     source = make_source(cfg)
-    with pytest.raises(ValueError, match="kdci.n = 1000 .* only 64 images"):
+    with pytest.raises(ValueError, match=r"kdci.n = 1000 .* only 64 images .*synthesize more before KD: synthesis.warmup_calls"):
         distill(cfg, source)
     assert source.calls == 0
+    # A selecting method (DFND) gets more images by selecting more, and is told so.
+    cfg = digits_config("dfnd", digits_teacher, tmp_path, "kdci.n=1000", "synthesis.num_select=256", "kdci.rebuild_every=1")
+    with pytest.raises(ValueError, match=r"kdci.n = 1000 .* only 256 images .*select more: synthesis.num_select"):
+        distill(cfg, make_source(cfg))
+    assert not (tmp_path / cfg.name).exists()  # refused before its first epoch: no run folder left behind
 
 
 def test_cli_distill_runs_exports_and_does_not_redo_a_finished_run(digits_teacher, tmp_path, capsys):

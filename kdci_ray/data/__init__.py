@@ -26,10 +26,10 @@ def load_dataset(
     name: str, root: str | Path | None = None, split: str = "train", download: bool = False, limit: int | None = None
 ) -> ImageDataset:
     """Load split `split` of dataset `name` from `root` (a folder, or a .tar.gz archive of one)."""
+    if limit is not None and limit < 1:  # before any decoding
+        raise ValueError(f"limit must be >= 1, got {limit}")
     dataset = DATASETS.get(name)(root, split=split, download=download)
     if limit is not None:
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
         dataset = dataset.subset(min(limit, len(dataset)))
     return dataset
 

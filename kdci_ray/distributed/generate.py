@@ -69,7 +69,8 @@ def prepare_output(out: Path, mode: str, cfg: DistillConfig | None = None, shard
     kept: dict[int, Path] = {}
     if out.exists() and any(out.iterdir()):
         if mode == "fail":
-            raise FileExistsError(f"{out} already holds files: choose another folder, or resume / overwrite")
+            raise FileExistsError(f"{out} already holds files: choose another folder, or --mode resume (keep finished shards) "
+                                  "or --mode overwrite (replace what generation wrote)")
         ours = _our_shards(out)
         if apply:
             (out / MANIFEST).unlink(missing_ok=True)  # rewritten at the end: never a stale manifest after a crash

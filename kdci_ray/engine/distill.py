@@ -255,9 +255,11 @@ class _Run:
             available = parallel.sum_over_ranks(available)
         if k.enabled and k.dictionary is None and available is not None and available < k.n:
             # Caught here, not at the first dictionary build (which may come after an expensive synthesis).
+            more = ("select more: synthesis.num_select" if hasattr(cfg.synthesis, "num_select")  # selecting methods (DFND)
+                    else "synthesize more before KD: synthesis.warmup_calls / batch_size")
             raise ValueError(
                 f"kdci.n = {k.n} prototypes but the substitution source has only {available} images when the dictionary is "
-                "first built; lower kdci.n (or synthesize more before KD: synthesis.warmup_calls / batch_size)"
+                f"first built; lower kdci.n (or {more})"
             )
         total = self.steps_per_epoch * cfg.optim.epochs
         warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
