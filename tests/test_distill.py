@@ -225,3 +225,35 @@ def test_finished_history_recognises_only_the_same_finished_run(digits_teacher, 
     assert finished_history(pooled, run_dir) is None
     (run_dir / "metrics.json").write_text('[{"epoch": 2')  # cut short by a crash
     assert finished_history(cfg, run_dir) is None
+
+
+def test_unreadable_checkpoints_and_a_full_disk_are_one_line_and_lose_nothing(digits_teacher, noisy_digits, tmp_path):
+    """A truncated file, a file that is no checkpoint, and one holding pickled code are refused in one line
+    naming the file and the fix; a full disk while writing (the kernel's ENOSPC from /dev/full) says so with
+    the path, leaves no partial file, and keeps the previous checkpoint."""
+    import os
+    import pickle
+
+    cfg = config(digits_teacher, tmp_path, "run", **{"optim.epochs": 3})
+    distill(cfg, SubstitutionSet(noisy_digits, seed=0), stop_after_epoch=1)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    good = ckpt.read_bytes()
+
+    class Payload:  # what a tampered checkpoint could carry: code that runs on unpickling
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    fix = "use another run name, set output.overwrite=true to start over, or delete it"
+    for bad in (good[: len(good) // 2], b"not a checkpoint at all", pickle.dumps({"format": Payload()})):
+        ckpt.write_bytes(bad)
+        with pytest.raises(ValueError) as exc:
+            distill(cfg, SubstitutionSet(noisy_digits, seed=0))
+        message = str(exc.value)
+        assert message.startswith(f"{ckpt} cannot be read as a checkpoint") and message.endswith(fix) and "\n" not in message
+    ckpt.write_bytes(good)
+    (tmp_path / "run" / "checkpoint.pt.tmp").symlink_to("/dev/full")  # writing there fails with ENOSPC
+    with pytest.raises(OSError, match=f"no space left on the device writing {ckpt}: the previous checkpoint is kept"):
+        distill(cfg, SubstitutionSet(noisy_digits, seed=0))
+    assert ckpt.read_bytes() == good and not os.path.lexists(tmp_path / "run" / "checkpoint.pt.tmp")
+    resumed = distill(cfg, SubstitutionSet(noisy_digits, seed=0))  # space again: it resumes from that checkpoint
+    assert resumed.resumed_from == 1 and resumed.finished

@@ -22,9 +22,11 @@ rank's source and RNG state. The launcher owns resumption then (`distill(..., ma
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import pickle
 import random
 import time
 from dataclasses import dataclass, field
@@ -437,16 +439,34 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_atomic(obj, path: Path) -> None:
+    """Write-then-rename: a crash or a full disk mid-write leaves the previous checkpoint intact, and no
+    partial file behind."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)  # a crash mid-write leaves the previous checkpoint intact
+    try:
+        with open(tmp, "wb") as f:  # through Python's file: a write error keeps its errno (torch's own writer drops it)
+            torch.save(obj, f)
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on the device writing {path}: the previous checkpoint is kept; "
+                                        "free some space and run the same command again to resume") from None
+        raise
+    tmp.replace(path)
+
+
+_CHECKPOINT_FIX = "use another run name, set output.overwrite=true to start over, or delete it"
 
 
 def load_checkpoint(path: Path, cfg: DistillConfig) -> dict:
     """Read a checkpoint (weights_only: no code runs) and check it belongs to this config."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path} cannot be read as a checkpoint (truncated, not a checkpoint, or holding pickled code: "
+                         f"{reason}); {_CHECKPOINT_FIX}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a kdci_ray distillation checkpoint (format {CHECKPOINT_FORMAT})")
+        raise ValueError(f"{path} is not a kdci_ray distillation checkpoint (format {CHECKPOINT_FORMAT}); {_CHECKPOINT_FIX}")
     diffs = _config_diff(state["config"], cfg.model_dump(mode="json"))
     if diffs:
         raise ValueError(
