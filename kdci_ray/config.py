@@ -7,6 +7,7 @@ overrides of these objects.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -374,7 +375,11 @@ def load_config(path: str | Path, schema: type[C], overrides: list[str] | None =
     """Read YAML `path`, apply `a.b=c` overrides and validate against `schema`."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (examples are in configs/)")
+        where = ""
+        if not path.is_absolute() and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # inside `ray job submit`
+            where = (f"; inside `ray job submit` a relative path resolves in the job's temporary copy of --working-dir "
+                     f"({Path.cwd()}): name a file of that folder relative to it, or give an absolute path on shared storage")
+        raise ConfigError(f"config file {path} does not exist (examples are in configs/){where}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -90,3 +90,16 @@ def test_unknown_keys_of_a_method_and_of_optional_sections_get_a_close_match():
     assert "num_selct = 3: unknown key for method 'dfnd' (check the spelling); did you mean 'num_select'?" in error("synthesis.num_selct=3")
     assert "kdci.alpah = 1: unknown key" in error("kdci.alpah=1") and "did you mean 'alpha'?" in error("kdci.alpah=1")
     assert "did you mean" not in error("kdci.zzzzzz=1")  # nothing close: no guess
+
+
+def test_a_missing_relative_config_inside_ray_job_submit_says_where_it_was_looked_for(monkeypatch, tmp_path):
+    """`ray job submit --working-dir` runs the job in a temporary copy: a relative --config resolves there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray sets in a submitted job's driver
+    with pytest.raises(ConfigError, match=r"inside `ray job submit` a relative path resolves in the job's temporary copy of "
+                                          rf"--working-dir \({tmp_path}\)"):
+        load_config("configs/nope.yaml", TeacherTrainConfig)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    with pytest.raises(ConfigError) as exc:
+        load_config("configs/nope.yaml", TeacherTrainConfig)
+    assert "ray job submit" not in str(exc.value)

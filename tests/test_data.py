@@ -220,6 +220,16 @@ def test_digits_load_from_the_cache_after_the_first_time(tmp_path, monkeypatch):
     assert len([p for p in (tmp_path / "arrays").glob("digits-test-*") if p.is_dir()]) == 1  # one entry (and its lock)
 
 
+def test_an_empty_class_folder_is_warned_about(tmp_path):
+    for label, cls in enumerate(CIFAR10_CLASSES):
+        (tmp_path / "cifar10-jpeg" / "test" / cls).mkdir(parents=True)
+        if cls not in ("cat", "dog"):
+            write_png(tmp_path / "cifar10-jpeg" / "test" / cls / "0.png", np.full((32, 32, 3), label, np.uint8))
+    with pytest.warns(UserWarning, match=r"2 class folder\(s\) in .*test hold no images \(cat, dog\)"):
+        ds = load_dataset("cifar10", tmp_path, "test")
+    assert len(ds) == 8 and 3 not in ds.labels and 5 not in ds.labels
+
+
 def test_cifar10_imagefolder_wrong_classes(tmp_path):
     write_png(tmp_path / "train" / "not_a_class" / "0.png", np.zeros((32, 32, 3), np.uint8))
     with pytest.raises(DatasetError, match="do not match the 10 cifar10 classes"):

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tarfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -290,11 +291,16 @@ def scan_class_folders(split_dir: Path, classes: Sequence[str] | None, name: str
         order = tuple(classes)
     else:
         order = tuple(found)
-    paths, labels = [], []
+    paths, labels, empty = [], [], []
     for label, cls in enumerate(order):
         files = list_images(split_dir / cls)
         paths += files
         labels += [label] * len(files)
+        if not files:
+            empty.append(cls)
+    if empty and paths:  # a class the model never sees (here) or is never scored on: worth a word, not a stop
+        warnings.warn(f"{name}: {len(empty)} class folder(s) in {split_dir} hold no images ({', '.join(empty[:5])}"
+                      f"{', ...' if len(empty) > 5 else ''}); those classes get no {split_dir.name} samples", stacklevel=2)
     if not paths:
         raise DatasetError(f"{name}: no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...) under {split_dir}")
     return paths, labels, order
