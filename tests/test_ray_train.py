@@ -132,7 +132,14 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(own_ray, digits_teache
     assert [row["epoch"] for row in result.history] == list(range(1, epochs + 1))
     assert (result.run_dir / "student.safetensors").is_file()
     attempts = [json.loads(line) for line in (result.run_dir / "attempts.jsonl").read_text().splitlines()]
-    assert attempts[-1]["epoch"] == epochs and attempts[-1]["resumed_from"] == result.resumed_from
+    assert attempts[-1]["status"] == "finished" and attempts[-1]["epoch"] == epochs and attempts[-1]["resumed_from"] == result.resumed_from
+    # Every attempt is on record, the killed one too: it started and never finished.
+    started = [a for a in attempts if a["status"] == "started"]
+    assert len(started) >= 2 and started[0]["checkpoint"] is None and started[-1]["checkpoint"] is not None
+    assert len([a for a in attempts if a["status"] == "finished"]) == 1
+    # No checkpoint folder outside the two Ray keeps (the killed attempt's half-written one included).
+    assert len(ray_checkpoints(result.storage)) == 2
+    assert str(ray_checkpoints(result.storage)[-1]) == result.checkpoint
 
 
 def test_pipeline_generates_builds_the_dictionary_and_distills_on_the_pool(fast_pipeline, ray_cluster):

@@ -157,11 +157,15 @@ def test_a_sweep_killed_with_its_driver_resumes_without_redoing_finished_trials(
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     first = subprocess.Popen(cmd, cwd=repo, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trials = storage / "resumed-sweep" / "trials"
+
+    def finished_trials():
+        return sorted(p.parent.parent.name for p in trials.glob("*/outputs/attempts.jsonl") if '"finished"' in p.read_text())
+
     deadline = time.time() + 300
-    while time.time() < deadline and not list(trials.glob("*/outputs/attempts.jsonl")):
+    while time.time() < deadline and not finished_trials():
         assert first.poll() is None, "the sweep ended before it could be killed"
         time.sleep(0.5)
-    finished_before = sorted(p.parent.parent.name for p in trials.glob("*/outputs/attempts.jsonl"))
+    finished_before = finished_trials()
     assert finished_before, "no trial finished in time"
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
     first.wait()
@@ -173,7 +177,8 @@ def test_a_sweep_killed_with_its_driver_resumes_without_redoing_finished_trials(
     assert sorted(r["kdci.alpha"] for r in summary["trials"]) == [0.5, 1.0]
     assert all(r["epochs"] == 2 and r["error"] is None for r in summary["trials"])
     for name in finished_before:  # trained once: a later attempt (if Tune had not recorded the end) trains nothing
-        attempts = [json.loads(line) for line in (trials / name / "outputs" / "attempts.jsonl").read_text().splitlines()]
+        lines = [json.loads(line) for line in (trials / name / "outputs" / "attempts.jsonl").read_text().splitlines()]
+        attempts = [a for a in lines if a["status"] == "finished"]
         assert attempts[0]["resumed_from"] == 0 and all(a["resumed_from"] == 2 for a in attempts[1:])
     from kdci_ray.tracking.store import client
 

@@ -42,7 +42,7 @@ from .session import check_gpu_fraction, check_gpu_workers_see_cuda, ensure_ray,
 log = logging.getLogger(__name__)
 OUTPUTS = "outputs"  # the core's run directory inside Ray's run folder
 READ_TASK_CPUS = 0.25  # per Parquet read task of a pool run
-ATTEMPTS = "attempts.jsonl"  # in OUTPUTS: the attempts that reached the end of the loop
+ATTEMPTS = "attempts.jsonl"  # in OUTPUTS: a "started" line per attempt, a "finished" line when one reaches the end
 
 
 class ShardSource:
@@ -165,15 +165,39 @@ def _train_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     reporter = _TrainReporter(config.get("mlflow_run"))
     t0 = time.time()
+    if rank == 0:  # before any work: an attempt killed mid-run is on record too
+        _record_attempt(run_dir, {"status": "started", "started": t0, "checkpoint": None if checkpoint is None else checkpoint.path})
     if checkpoint is None:
         result = distill(cfg, source, reporter, run_dir=run_dir, resume_from=None, managed=True)
     else:
         with checkpoint.as_directory() as folder:
             log.info("rank %d: resuming from %s", rank, checkpoint.path)
             result = distill(cfg, source, reporter, run_dir=run_dir, resume_from=Path(folder) / "checkpoint.pt", managed=True)
-    if rank == 0:  # one line per completed attempt: where it started, so restarts are visible afterwards
-        with open(run_dir / ATTEMPTS, "a") as f:
-            f.write(json.dumps({"started": t0, "ended": time.time(), "resumed_from": result.resumed_from, "epoch": result.epoch}) + "\n")
+    if rank == 0:  # and its end: where it continued from, so restarts are visible afterwards
+        _record_attempt(run_dir, {"status": "finished", "started": t0, "ended": time.time(), "resumed_from": result.resumed_from,
+                                  "epoch": result.epoch})
+
+
+def _record_attempt(run_dir: Path, line: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ATTEMPTS, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def read_attempts(run_dir: Path) -> list[dict]:
+    """Every attempt of a run, in order: {"status": "started" | "finished", ...} (see _train_worker)."""
+    path = run_dir / ATTEMPTS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _prune_checkpoints(run_folder: Path, kept: list[str]) -> list[Path]:
+    """Remove checkpoint folders Ray does not keep: one a killed attempt was writing (never registered)
+    outlives the run otherwise. Returns what was removed."""
+    keep = {Path(k).resolve() for k in kept}
+    removed = [p for p in run_folder.glob("checkpoint_*") if p.is_dir() and p.resolve() not in keep]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
 
 
 @dataclass
@@ -333,11 +357,15 @@ def distill_on_ray(
     metrics_file = run_dir / "metrics.json"
     if not metrics_file.is_file():
         raise RuntimeError(f"the run finished but {metrics_file} is missing: is {storage} storage every node shares?")
-    attempts = (run_dir / ATTEMPTS).read_text().splitlines()
+    kept = [c.path for c, _ in (result.best_checkpoints or [])]
+    if result.checkpoint is not None and kept:
+        for folder in _prune_checkpoints(storage / cfg.name, kept):
+            log.info("ray train: removed %s (written by a stopped attempt, not among Ray's kept checkpoints)", folder.name)
+    finished = [a for a in read_attempts(run_dir) if a.get("status", "finished") == "finished"]
     return RayDistillResult(
         run_dir, storage / cfg.name, json.loads(metrics_file.read_text()),
         checkpoint=None if result.checkpoint is None else result.checkpoint.path,
-        resumed_from=json.loads(attempts[-1])["resumed_from"] if attempts else 0, seconds=seconds,
+        resumed_from=finished[-1]["resumed_from"] if finished else 0, seconds=seconds,
         workers=num_workers, use_gpu=use_gpu,
     )
 
