@@ -155,7 +155,13 @@ def test_a_sweep_killed_with_its_driver_resumes_without_redoing_finished_trials(
            "--set", "synthesis.num_select=600", "--set", "kdci.n=16", "--space", "kdci.alpha=[0.5,1.0]",
            "--scheduler", "fifo", "--max-concurrent", "1", "--storage", str(storage), "--tracking-uri", uri]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    first = subprocess.Popen(cmd, cwd=repo, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "first-driver.log"
+
+    def start():
+        with open(log, "w") as err:
+            return subprocess.Popen(cmd, cwd=repo, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)
+
+    first, restarted = start(), False
     trials = storage / "resumed-sweep" / "trials"
 
     def finished_trials():
@@ -163,7 +169,14 @@ def test_a_sweep_killed_with_its_driver_resumes_without_redoing_finished_trials(
 
     deadline = time.time() + 300
     while time.time() < deadline and not finished_trials():
-        assert first.poll() is None, "the sweep ended before it could be killed"
+        if first.poll() is not None and not storage.exists() and not restarted:
+            # Its local Ray died while starting, before the sweep began (seen once on the loaded 2-core box: a
+            # raylet check failure 20 s into its start). That is Ray's start, not the resume under test: once more.
+            import warnings
+
+            warnings.warn(f"the first sweep driver's local Ray failed to start; starting it again: {log.read_text()[-500:]}")
+            first, restarted = start(), True
+        assert first.poll() is None, f"the sweep ended before it could be killed: {log.read_text()[-3000:]}"
         time.sleep(0.5)
     finished_before = finished_trials()
     assert finished_before, "no trial finished in time"

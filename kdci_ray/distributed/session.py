@@ -147,7 +147,7 @@ def check_gpu_workers_see_cuda(ray, resources: dict, what: str = "worker") -> No
         raise ValueError(
             f"Ray gives each {what} {gpus:g} GPU but torch {report['torch']} ({build} build) on node {report['node']} sees no "
             f"CUDA device (NVIDIA driver: {report['driver'] or 'not found'}; CUDA_VISIBLE_DEVICES={report['visible']}): "
-            "install the torch build for the node's CUDA (README, 'On a GPU cluster'), or run on CPU workers (--cpu)"
+            "install the torch build for the node's CUDA (README, \"GPU clusters\"), or run on CPU workers (--cpu)"
         )
 
 
