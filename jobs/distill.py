@@ -3,8 +3,9 @@
     python jobs/distill.py --config configs/fast-digits-digits_cnn-digits_cnn_small.yaml [--workers 2] [--storage runs/ray]
     python jobs/distill.py --config ... --set pool=runs/pools/deepinv --set kdci.dictionary=runs/dict.safetensors
     ray job submit --working-dir . -- python jobs/distill.py --config ... --storage /mnt/efs/kdci/ray
-Substitution data: the config's `pool:` (a jobs/synthesize.py output, streamed by Ray Data) when set, else the
-config's DFKD method on every worker (distinct seeds). Tracked as one MLflow run (--no-track: none).
+Substitution data: the config's `pool:` (a jobs/synthesize.py output; each worker holds its equal share of
+the rows on its device) when set, else the config's DFKD method on every worker (distinct seeds). Bad input
+is refused (one line, exit code 2) before Ray starts. Tracked as one MLflow run (--no-track: none).
 """
 
 from _common import parser, run
@@ -22,10 +23,9 @@ def main() -> dict:
     args = p.parse_args()
 
     from kdci_ray.config import DistillConfig, load_config
-    from kdci_ray.distributed import distill_on_ray, distill_on_ray_tracked, ensure_ray
+    from kdci_ray.distributed import distill_on_ray, distill_on_ray_tracked
 
     cfg = load_config(args.config, DistillConfig, args.set)
-    ensure_ray(args.address)
     options = dict(num_workers=args.workers, use_gpu=False if args.cpu else None, storage_path=args.storage,
                    max_failures=args.max_failures, address=args.address)
     run_id = None

@@ -26,10 +26,9 @@ def main() -> dict:
     args = p.parse_args()
 
     from kdci_ray.config import DistillConfig, load_config
-    from kdci_ray.distributed import ensure_ray, run_pipeline
+    from kdci_ray.distributed import run_pipeline
 
     cfg = load_config(args.config, DistillConfig, args.set)
-    ensure_ray(args.address)
     return run_pipeline(
         cfg, storage_path=args.storage, shards=args.shards, calls_per_shard=args.calls_per_shard, actors=args.actors,
         dictionary_shards=args.dictionary_shards, workers=args.workers, mode=args.mode, use_gpu=False if args.cpu else None,

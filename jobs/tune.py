@@ -17,11 +17,9 @@ def main() -> dict:
     args = p.parse_args()
 
     from kdci_ray.config import DistillConfig, load_config
-    from kdci_ray.distributed import ensure_ray
     from kdci_ray.distributed.tune import sweep_from_args
 
     cfg = load_config(args.config, DistillConfig, args.set)
-    ensure_ray(args.address)
     return sweep_from_args(cfg, args)
 
 

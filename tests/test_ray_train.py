@@ -44,9 +44,12 @@ def test_ddp_distillation_trains_checkpoints_and_does_not_restart_a_finished_run
     kept = ray_checkpoints(result.storage)
     assert len(kept) == 2
     state = torch.load(kept[-1] / "checkpoint.pt", weights_only=True)
-    assert state["epoch"] == 4 and state["world_size"] == 2
-    # Each rank ran its own synthesizer: seeds 0 and 1000, pools of different images.
-    sources = [r["source"] for r in state["ranks"]]
+    assert state["epoch"] == 4 and state["world_size"] == 2 and state["source"] is None
+    # Each rank ran its own synthesizer (seeds 0 and 1000, pools of different images) and wrote its own part
+    # of the checkpoint: no rank's pool went through rank 0.
+    parts = [torch.load(kept[-1] / f"checkpoint-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [(p["rank"], p["epoch"], p["world_size"]) for p in parts] == [(0, 4, 2), (1, 4, 2)]
+    sources = [p["source"] for p in parts]
     assert [s["seed"] for s in sources] == [0, 1000]
     assert not torch.equal(sources[0]["pool"]["images"], sources[1]["pool"]["images"])
     # The dictionary (rebuilt at epoch 3) covers both ranks' pools as they were then: 1 warm-up + 3 calls of
@@ -143,8 +146,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(own_ray, digits_teache
 
 
 def test_pipeline_generates_builds_the_dictionary_and_distills_on_the_pool(fast_pipeline, ray_cluster):
-    """Offline path: Ray Data generation -> distributed dictionary -> Ray Train on the Parquet pool (streamed by
-    Ray Data, split equally over the workers) with that dictionary; submitting again continues, redoing nothing.
+    """Offline path: Ray Data generation -> distributed dictionary -> Ray Train on the Parquet pool (split into
+    equal row ranges, each held by its worker) with that dictionary; submitting again continues, redoing nothing.
     (The first submission is the end-to-end benchmark's run, `fast_pipeline`; the second is made here.)"""
     from kdci_ray.distributed import run_pipeline
     from kdci_ray.kdci import ConfounderDictionary
@@ -158,9 +161,12 @@ def test_pipeline_generates_builds_the_dictionary_and_distills_on_the_pool(fast_
     assert out["distill_epochs"] == 3 and out["resumed_from"] == 0 and set(out["stage_seconds"]) == {"generate", "dictionary", "distill"}
     history = json.loads((folder / "outputs" / "metrics.json").read_text())
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    # The run trained on the pool (each worker half of it: 384 rows / 32 = 12 steps) with the prebuilt dictionary.
+    # The run trained on the pool (each worker its half of the rows, held: 384 rows / 32 = 12 steps) with the
+    # prebuilt dictionary.
     state = torch.load(ray_checkpoints(folder)[-1] / "checkpoint.pt", weights_only=True)
-    assert [r["source"]["rows"] for r in state["ranks"]] == [384, 384]
+    parts = [torch.load(ray_checkpoints(folder)[-1] / f"checkpoint-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [p["source"]["size"] for p in parts] == [384, 384]
+    assert [p["source"]["name"].split(" (rows ")[1] for p in parts] == ["0..384)", "384..768)"]
     dictionary = str(folder / "dictionary.safetensors")
     assert state["config"]["pool"] == str(folder / "pool") and state["config"]["kdci"]["dictionary"] == dictionary
     prebuilt = ConfounderDictionary.load(dictionary)
@@ -238,3 +244,68 @@ def test_inputs_are_checked_before_any_worker_starts(digits_teacher, tmp_path, m
     assert resolve_storage(tmp_path) == tmp_path
     monkeypatch.setenv("KDCI_STORAGE", str(tmp_path))
     assert resolve_storage(None) == tmp_path / "ray"
+
+
+def digits_pool(folder: Path, teacher: Path, rows: int, files: int = 2) -> Path:
+    """A fixed pool of `rows` digits training images in `files` Parquet files (logits: the teacher's)."""
+    import numpy as np
+
+    from kdci_ray.data import load_dataset
+    from kdci_ray.engine.distill import load_models
+    from kdci_ray.engine.runtime import resolve_runtime
+    from kdci_ray.synthesis import write_pool_parquet
+
+    cfg = fast_config(teacher, "pool")
+    models = load_models(cfg, resolve_runtime("cpu"))
+    images = torch.from_numpy(np.ascontiguousarray(load_dataset("digits", None, "train").images[:rows])).permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        logits = models.teacher(models.normalize(images))
+    bounds = [round(i * rows / files) for i in range(files + 1)]
+    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        write_pool_parquet(folder / f"part-{i:05d}.parquet", images[lo:hi], logits[lo:hi], torch.zeros(hi - lo, dtype=torch.long),
+                           {"teacher_id": models.teacher_id})
+    return folder
+
+
+@pytest.mark.slow(seconds=25)
+def test_a_pool_run_on_one_ray_worker_is_the_single_process_run(ray_cluster, digits_teacher, tmp_path):
+    """The worker reads its rows once and holds them (no Ray Data stream per epoch): with one worker it is the
+    single-process run on the same pool, the same student to float tolerance."""
+    from kdci_ray.distributed import distill_on_ray
+    from kdci_ray.engine.distill import distill_from_config
+    from kdci_ray.models import load_classifier
+
+    pool = digits_pool(tmp_path / "pool", digits_teacher, 640)
+    cfg = fast_config(digits_teacher, "pool-one", f"pool={pool}", "optim.epochs=2", "kdci.rebuild_every=0", "device=cpu",
+                      f"output.dir={tmp_path / 'single'}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Ray worker (one CPU): the same reduction order
+    try:
+        single = distill_from_config(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    on_ray = distill_on_ray(cfg, num_workers=1, storage_path=tmp_path / "ray")
+    a, _ = load_classifier(single.student_weights, "digits_cnn_small")
+    b, _ = load_classifier(on_ray.run_dir / "student.safetensors", "digits_cnn_small")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x.float(), y.float(), atol=1e-4, rtol=1e-4), name
+    assert [r["train_loss"] for r in on_ray.history] == pytest.approx([r["train_loss"] for r in single.history], rel=1e-4)
+    assert on_ray.history[-1]["test_top1"] == pytest.approx(single.history[-1]["test_top1"], abs=0.3)
+    state = torch.load(Path(on_ray.checkpoint) / "checkpoint.pt", weights_only=True)  # one worker: no parts
+    assert state["source"]["size"] == 640 and state["source"]["name"].endswith("(rows 0..640)")
+
+
+@pytest.mark.slow(seconds=25)
+def test_a_deterministic_worker_error_is_not_retried(ray_cluster, digits_teacher, tmp_path):
+    """A loss that diverges on the workers ends the run at once as itself (Train does not restart a worker
+    group to meet the same error again): one attempt on record, the error with its fix."""
+    from kdci_ray.distributed import distill_on_ray
+    from kdci_ray.distributed.train import read_attempts
+
+    cfg = fast_config(digits_teacher, "diverges", "optim.lr=1e12", "optim.epochs=3", "kdci.enabled=false")
+    t0 = time.time()
+    with pytest.raises(FloatingPointError, match="lower optim.lr"):
+        distill_on_ray(cfg, num_workers=2, storage_path=tmp_path, max_failures=2)
+    attempts = read_attempts(tmp_path / "diverges" / "outputs")
+    assert [a["status"] for a in attempts] == ["started"], attempts
+    assert time.time() - t0 < 60

@@ -131,14 +131,16 @@ def cuda_report() -> dict:
             pass
     available = torch.cuda.is_available()
     return {"available": available, "devices": torch.cuda.device_count() if available else 0, "torch": torch.__version__,
+            "free_bytes": torch.cuda.mem_get_info()[0] if available else 0,
             "cuda_build": torch.version.cuda, "driver": driver, "node": socket.gethostname(),
             "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
-def check_gpu_workers_see_cuda(ray, resources: dict, what: str = "worker") -> None:
+def check_gpu_workers_see_cuda(ray, resources: dict, what: str = "worker") -> dict:
     """Before GPU work starts: one task with a worker's resources, placed as a worker would be, checks that
     torch there sees CUDA. A CPU-only torch wheel, or a CUDA build newer than the node's driver, would
-    otherwise fail (or fall back to the CPU) only inside the workers, after every one of them started."""
+    otherwise fail (or fall back to the CPU) only inside the workers, after every one of them started.
+    Returns the probe's `cuda_report` (free GPU memory included)."""
     gpus = resources.get("GPU", resources.get("num_gpus", 0))
     cpus = resources.get("CPU", resources.get("num_cpus", 1))
     report = ray.get(ray.remote(num_gpus=gpus, num_cpus=cpus)(cuda_report).remote())
@@ -149,6 +151,7 @@ def check_gpu_workers_see_cuda(ray, resources: dict, what: str = "worker") -> No
             f"CUDA device (NVIDIA driver: {report['driver'] or 'not found'}; CUDA_VISIBLE_DEVICES={report['visible']}): "
             "install the torch build for the node's CUDA (README, \"GPU clusters\"), or run on CPU workers (--cpu)"
         )
+    return report
 
 
 def limit_threads_to_cpu_share() -> None:

@@ -1,16 +1,20 @@
 """KDCI distillation on Ray Train: the core loop (`engine.distill.distill`) on every worker of a
 `TorchTrainer` (DDP: gloo on CPU, nccl on GPU). This file holds no training math, only the wiring:
 
+- checks first: everything a worker would refuse in its first seconds (`engine.distill.preflight`: models,
+  pool schema, kdci.n, a prebuilt dictionary, the checkpoint a resubmission continues from) is refused on
+  the driver before Ray starts;
 - substitution data: a fixed Parquet pool (`pool:` in the config, e.g. a `jobs/synthesize.py` output) is
-  read by Ray Data and split across workers (`get_dataset_shard`); otherwise every worker runs the
-  config's DFKD method with its own seed (seed + 1000 x rank) and the dictionary is built from every
-  worker's data (the core does that collectively);
-- checkpoints: after each epoch rank 0's core checkpoint is registered with `ray.train.report` (all
-  workers report, as Train requires); Ray keeps the newest `keep_checkpoints` under
-  `<storage_path>/<name>/checkpoint_*`;
-- resumption: a worker that finds a Ray checkpoint (a restart after a failure under `FailureConfig`, or
-  the same `RunConfig(storage_path, name)` submitted again) continues from it; a finished run returns
-  at once instead of starting over;
+  split into equal row ranges; each worker reads its range once and holds it on its device (uint8);
+  otherwise every worker runs the config's DFKD method with its own seed (seed + 1000 x rank) and the
+  dictionary is built from every worker's data (the core does that collectively);
+- checkpoints: after each epoch every worker reports to `ray.train.report` with the files it wrote (rank
+  0's checkpoint, each rank's own part: its source and RNG) into one checkpoint folder; Ray keeps the newest
+  `keep_checkpoints` under `<storage_path>/<name>/checkpoint_*`;
+- faults: a worker that dies is restarted from the newest registered checkpoint (at most `max_failures`
+  times); a deterministic error (bad input, a diverged loss) ends the run at once, as itself;
+- resumption: a worker that finds a Ray checkpoint (a restart, or the same `RunConfig(storage_path, name)`
+  submitted again) continues from it; a finished run returns at once instead of starting over;
 - outputs: rank 0 writes the run's files (student weights + card, dictionary, metrics.json, config.yaml)
   into `<storage_path>/<name>/outputs/` (shared storage on a cluster).
 """
@@ -25,81 +29,44 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
-
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from ..config import DistillConfig, validate_config, with_absolute_paths
-from ..data import dataset_info
-from ..engine.distill import check_pool_run, distill, finished_history, make_source
+from ..data import SubstitutionSet
+from ..engine.distill import distill, finished_history, make_source, pool_schema, preflight
 from ..engine.parallel import rank_seed
 from ..models import ModelCard
-from .dictionary import pool_files
+from ..synthesis import read_pool_rows
 from .session import check_gpu_fraction, check_gpu_workers_see_cuda, ensure_ray, limit_threads_to_cpu_share, train_worker_resources
 
 log = logging.getLogger(__name__)
 OUTPUTS = "outputs"  # the core's run directory inside Ray's run folder
-READ_TASK_CPUS = 0.25  # per Parquet read task of a pool run
 ATTEMPTS = "attempts.jsonl"  # in OUTPUTS: a "started" line per attempt, a "finished" line when one reaches the end
 
 
-class ShardSource:
-    """A worker's share of a fixed Parquet pool, streamed by Ray Data, as the core loop's substitution
-    source. Every worker gets the same number of rows (Train splits datasets with `equal=True`), so all
-    ranks take the same number of steps. Order within an epoch comes from Ray Data's local shuffle
-    (seeded by seed and epoch, but block arrival order is not reproducible): a resumed run continues at the
-    epoch, not bit for bit."""
+def pool_share(cfg: DistillConfig, rank: int, world: int, device: torch.device) -> SubstitutionSet:
+    """This rank's equal share of the config's fixed Parquet pool (rows [rank x n, (rank + 1) x n), n = rows //
+    world), read and decoded once and held on `device` as uint8: every epoch shuffles and indexes it there
+    (no re-read, no host decoding, no host->device copy per step). A share larger than the device's free
+    memory is refused before it is read."""
+    schema = pool_schema(cfg)
+    per = schema.total_rows // world
+    check_memory(per * int(np.prod(schema.image_shape)), device, f"pool = {cfg.pool}: this worker's share ({per} images)")
+    images = read_pool_rows(cfg.pool, rank * per, (rank + 1) * per, schema)
+    return SubstitutionSet(images.to(device), seed=rank_seed(cfg.seed), name=f"pool {Path(cfg.pool).name} (rows {rank * per}..{(rank + 1) * per})")
 
-    def __init__(self, shard, rows: int, image_shape: tuple[int, int, int], seed: int, name: str):
-        self.shard, self.rows, self.image_shape, self.seed, self.name = shard, rows, tuple(image_shape), seed, name
-        self.device = torch.device("cpu")
 
-    def __len__(self) -> int:
-        return self.rows
-
-    def to(self, device) -> "ShardSource":
-        self.device = torch.device(device)
-        return self
-
-    def steps_per_epoch(self, batch_size: int) -> int:
-        steps = self.rows // batch_size
-        if steps < 1:
-            raise ValueError(f"{self.name}: each worker holds {self.rows} rows, fewer than optim.batch_size = {batch_size}; lower it or use fewer workers")
-        return steps
-
-    def begin_epoch(self, epoch: int, distiller) -> None:
-        """Nothing to synthesize: the pool is fixed."""
-
-    def _decode(self, column) -> torch.Tensor:
-        images = np.frombuffer(b"".join(column), dtype=np.uint8).reshape(len(column), *self.image_shape)
-        return torch.from_numpy(images.copy()).to(self.device, non_blocking=True)
-
-    def batches(self, epoch: int, batch_size: int) -> Iterator[torch.Tensor]:
-        steps = self.steps_per_epoch(batch_size)
-        stream = self.shard.iter_batches(
-            batch_size=batch_size, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=min(self.rows, max(4 * batch_size, 1024)), local_shuffle_seed=self.seed * 1_000_003 + epoch,
-        )
-        done = 0
-        for batch in stream:  # read to the end even past `steps`: a split's epoch ends for all workers together
-            if done < steps:
-                yield self._decode(batch["image"])
-            done += 1
-        if done < steps:
-            raise RuntimeError(f"{self.name}: the worker's shard gave {done} batches, expected {steps}")
-
-    def dictionary_images(self, batch_size: int = 1024) -> Iterator[torch.Tensor]:
-        for batch in self.shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            yield self._decode(batch["image"])
-
-    def state_dict(self) -> dict:
-        return {"name": self.name, "rows": self.rows, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state != self.state_dict():
-            raise ValueError(f"the pool shard differs from the one this run started with ({state} vs {self.state_dict()}); use another run name")
+def check_memory(nbytes: int, device: torch.device, what: str, free: int | None = None) -> None:
+    """Refuse to hold `nbytes` on `device` when that is more than 80 % of its free memory (GPU; `free` when
+    a probe measured it elsewhere) or of the node's available memory (CPU): the models and their activations
+    need the rest."""
+    if free is None:
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if nbytes > 0.8 * free:
+        where = f"a GPU has {free / 2**30:.1f} GiB free" if device.type == "cuda" else f"the node has {free / 2**30:.1f} GiB available"
+        raise ValueError(f"{what} needs {nbytes / 2**30:.2f} GiB on {device.type} but {where}: use more workers (each holds "
+                         "rows / workers), or a smaller pool")
 
 
 class _TrainReporter:
@@ -126,19 +93,22 @@ class _TrainReporter:
     def log_artifact(self, path: Path) -> None:
         pass
 
-    def on_checkpoint(self, epoch: int, row: dict, path: Path | None) -> None:
+    def on_checkpoint(self, epoch: int, row: dict, paths: list[Path]) -> None:
+        """Every rank reports; its files (rank 0's checkpoint, each rank's part) go into one Ray checkpoint
+        folder (Ray Train gives all ranks' reports of a step the same folder)."""
         import ray.train
 
         metrics = {k: float(v) for k, v in row.items() if isinstance(v, (int, float))}
-        if path is None:
+        if not paths:
             ray.train.report(metrics, checkpoint=None)
             return
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".report-") as folder:
-            target = Path(folder) / path.name
-            try:
-                os.link(path, target)
-            except OSError:  # another filesystem: copy
-                shutil.copy2(path, target)
+        with tempfile.TemporaryDirectory(dir=paths[0].parent, prefix=".report-") as folder:
+            for path in paths:
+                target = Path(folder) / path.name
+                try:
+                    os.link(path, target)
+                except OSError:  # another filesystem: copy
+                    shutil.copy2(path, target)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -154,8 +124,7 @@ def _train_worker(config: dict) -> None:
     # The device Ray Train gave this worker (cuda:<local rank>); CPU workers stay on the CPU even on a GPU node.
     cfg = cfg.model_copy(update={"device": str(ray.train.torch.get_device()) if config["use_gpu"] else "cpu"})
     if cfg.pool is not None:
-        source = ShardSource(ray.train.get_dataset_shard("train"), config["rows_per_worker"], tuple(config["image_shape"]),
-                             seed=rank_seed(cfg.seed), name=f"pool {Path(cfg.pool).name} (shard {rank})")
+        source = pool_share(cfg, rank, context.get_world_size(), torch.device(cfg.device))
     else:
         source = make_source(cfg, seed=rank_seed(cfg.seed))
     run_dir = Path(config["run_dir"])
@@ -232,14 +201,47 @@ def resolve_storage(storage_path: str | Path | None = None) -> Path:
 
 
 def _check_inputs(cfg: DistillConfig) -> None:
-    """Files a run needs, checked on the driver before any worker starts."""
+    """Files a run needs, checked on the driver before anything else (no model is loaded yet)."""
     needed = {"teacher.weights": cfg.teacher.weights, "pool": cfg.pool, "kdci.dictionary": cfg.kdci.dictionary}
     for name, path in needed.items():
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{name} = {path}: no such file; fix the path (relative paths are read from {Path.cwd()})")
     if cfg.pool is None and cfg.synthesis is None:
         raise ValueError("the config has no `synthesis:` section and no `pool:`: name a DFKD method or a Parquet pool")
-    check_pool_run(cfg)
+
+
+def resume_checkpoint(run_folder: Path) -> Path | None:
+    """The checkpoint file a (re)submitted run would continue from: the newest one Ray registered (its
+    snapshot names it; a folder a killed attempt was still writing is not one)."""
+    try:
+        snapshot = json.loads((run_folder / "checkpoint_manager_snapshot.json").read_text())
+        name = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    except (OSError, ValueError):
+        return None
+    path = run_folder / name / "checkpoint.pt" if name else None
+    return path if path is not None and path.is_file() else None
+
+
+# Errors a restart would raise again (bad input, a diverged loss): the run ends with them at once.
+DETERMINISTIC_ERRORS = (ValueError, TypeError, KeyError, IndexError, FileNotFoundError, FileExistsError, FloatingPointError)
+
+
+def _failure(error: Exception) -> tuple[str, BaseException | None]:
+    """What a failed `fit()` was: ("deterministic", the first such error any rank raised: ended with at once,
+    as itself, so the entry points print it as one line), ("died", None): a worker process died (restart),
+    or ("other", None) (Ray's error, with every worker's traceback, is raised)."""
+    import ray.exceptions
+
+    failures = getattr(error, "worker_failures", None) or {}
+    raised = [getattr(failures[r], "_base_exc", failures[r]) for r in sorted(failures)]  # Ray Train wraps a worker's exception
+    for exc in raised:
+        if isinstance(exc, DETERMINISTIC_ERRORS):
+            return "deterministic", exc
+    # A dead worker reaches here as a failed health check wrapping the actor's death (or a hung one's timeout).
+    if any(isinstance(getattr(e, "health_check_failure", e), ray.exceptions.RayActorError)
+           or type(e).__name__ == "WorkerHealthCheckTimeoutError" for e in failures.values()):
+        return "died", None
+    return "other", None
 
 
 def _train_logging():
@@ -251,30 +253,22 @@ def _train_logging():
     return ray.train.LoggingConfig(log_level="WARNING")
 
 
-def _read_pool(ray, files: list[Path]):
-    """The pool's image column as a Ray Dataset whose read tasks take a fraction of a CPU: next to other
-    trials' Train workers (a Tune sweep on a small machine) less than one CPU may be free, and a 1-CPU read
-    task would never be scheduled (the run hangs). Ray Data's newer read path adds a file-listing task that
-    always asks for a whole CPU, so this read uses the single-operator path while it is available."""
-    context = ray.data.DataContext.get_current()
-    previous = getattr(context, "use_datasource_v2", None)
-    if previous is not None:
-        context.use_datasource_v2 = False  # the dataset keeps a copy of the context it was made under
-    try:
-        dataset = ray.data.read_parquet([str(f) for f in files], columns=["image"], num_cpus=READ_TASK_CPUS)
-        # Read again every epoch on every worker: Ray Data's start/plan/finish lines for each pass are noise
-        # on the console (the loop prints each epoch); they stay in Ray Data's log file.
-        dataset.context.print_on_execution_start = False
-        dataset.context.enable_progress_bars = False
-        return dataset
-    finally:
-        if previous is not None:
-            context.use_datasource_v2 = previous
-
-
 def _newest_checkpoint(run_folder: Path) -> str | None:
     folders = sorted(run_folder.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
     return str(folders[-1]) if folders else None
+
+
+def check_run(cfg: DistillConfig, storage: Path, num_workers: int) -> int | None:
+    """Everything a worker would refuse in its first seconds, refused on the driver before Ray starts (models,
+    pool, kdci.n, a prebuilt dictionary, the checkpoint a resubmission continues from). Returns the bytes of
+    a worker's share of a fixed pool (None: no pool)."""
+    preflight(cfg, num_workers, resume_checkpoint(storage / cfg.name))
+    if cfg.pool is None:
+        return None
+    schema = pool_schema(cfg)
+    if schema.total_rows < num_workers:
+        raise ValueError(f"pool = {cfg.pool}: {schema.total_rows} rows cannot give each of --workers = {num_workers} any; use fewer workers")
+    return (schema.total_rows // num_workers) * int(np.prod(schema.image_shape))
 
 
 def distill_on_ray(
@@ -296,7 +290,7 @@ def distill_on_ray(
     again resumes it (a finished run returns its results without training).
 
     `use_gpu` None: GPUs when the cluster has any. `cpus_per_worker` None: one GPU worker takes 1 CPU; CPU
-    workers share the CPUs leaving one free for Ray Data's reading. `callbacks`: Ray Train user callbacks
+    workers share the CPUs leaving one free. `max_failures`: restarts after a worker died. `callbacks`: Ray Train user callbacks
     (Tune's TuneReportCallback in a sweep); `mlflow_run`: {"uri", "run_id"} that rank 0 logs its epochs to.
     `probe_cuda`: check that torch sees CUDA where GPU workers run before starting them (a sweep checks once).
     """
@@ -310,50 +304,49 @@ def distill_on_ray(
         log.info("ray train: %s already finished (%d epochs) in %s", cfg.name, cfg.optim.epochs, run_dir)
         return RayDistillResult(run_dir, storage / cfg.name, history, checkpoint=_newest_checkpoint(storage / cfg.name),
                                 resumed_from=cfg.optim.epochs, workers=num_workers, use_gpu=bool(use_gpu))
+    share = check_run(cfg, storage, num_workers)
     ray = ensure_ray(address)
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    # CPU workers share the CPUs, one left free for Ray Data's reading (and the Train controller); a GPU
-    # fraction lets several one-worker runs (Tune trials) share a GPU.
+    # CPU workers share the CPUs, one left free (the Train controller, other stages); a GPU fraction lets
+    # several one-worker runs (Tune trials) share a GPU.
     use_gpu, resources = train_worker_resources(ray, num_workers, use_gpu, gpus_per_worker, cpus_per_worker, cpu_reserve=1.0)
     if use_gpu and probe_cuda:
-        check_gpu_workers_see_cuda(ray, resources, "Ray Train worker")
-    info = dataset_info(cfg.data.dataset)
-    image_shape = [info.channels, info.image_size, info.image_size]
-    datasets, rows_per_worker = {}, None
-    if cfg.pool is not None:
-        files = pool_files(cfg.pool)
-        rows = sum(pq.read_metadata(f).num_rows for f in files)
-        rows_per_worker = rows // num_workers
-        if rows_per_worker < cfg.optim.batch_size:
-            raise ValueError(
-                f"pool = {cfg.pool}: {rows} rows over {num_workers} workers is {rows_per_worker} each, fewer than "
-                f"optim.batch_size = {cfg.optim.batch_size}; lower the batch size or the workers"
-            )
-        datasets["train"] = _read_pool(ray, files)
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={
-            "cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "use_gpu": use_gpu,
-            "rows_per_worker": rows_per_worker, "image_shape": image_shape, "mlflow_run": mlflow_run,
-        },
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=str(storage),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
-            callbacks=callbacks,
-            logging_config=_train_logging(),
-        ),
-        datasets=datasets or None,
-    )
+        report = check_gpu_workers_see_cuda(ray, resources, "Ray Train worker")
+        if share is not None:
+            check_memory(share, torch.device("cuda"), f"pool = {cfg.pool}: a worker's share", free=report["free_bytes"])
     log.info("ray train: %s on %d %s worker(s) %s, storage %s", cfg.name, num_workers, "GPU" if use_gpu else "CPU", resources, storage)
     t0 = time.perf_counter()
-    result = trainer.fit()
+    # Ray Train's FailureConfig would restart a worker group after any error, a deterministic one (a bad
+    # input a worker found, a diverged loss) too; its FailurePolicy has no public hook. So Train never
+    # restarts by itself, and this loop restarts (from the newest registered checkpoint, as a resubmission
+    # would) only after a worker died.
+    for attempt in range(max_failures + 1):
+        trainer = TorchTrainer(
+            _train_worker,
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "use_gpu": use_gpu, "mlflow_run": mlflow_run},
+            scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name=cfg.name, storage_path=str(storage),
+                failure_config=ray.train.FailureConfig(max_failures=0),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+                callbacks=callbacks,
+                logging_config=_train_logging(),
+            ),
+        )
+        try:
+            result = trainer.fit()
+            break
+        except ray.train.TrainingFailedError as exc:
+            kind, error = _failure(exc)
+            if kind == "deterministic":
+                raise error from None
+            if kind == "other" or attempt == max_failures:
+                raise
+            log.warning("ray train: %s: a worker died; restarting from the newest checkpoint (restart %d of at most %d)",
+                        cfg.name, attempt + 1, max_failures)
     seconds = time.perf_counter() - t0
-    if result.error is not None:
-        raise result.error
     metrics_file = run_dir / "metrics.json"
     if not metrics_file.is_file():
         raise RuntimeError(f"the run finished but {metrics_file} is missing: is {storage} storage every node shares?")
@@ -385,6 +378,8 @@ def distill_on_ray_tracked(
     cfg = with_absolute_paths(cfg)
     _check_inputs(cfg)  # before any MLflow run exists
     folder = resolve_storage(ray_options.get("storage_path")) / cfg.name
+    if finished_history(cfg, folder / OUTPUTS) is None:
+        check_run(cfg, folder.parent, ray_options.get("num_workers", 2))  # a bad input leaves no failed MLflow run behind
     uri = resolve_uri(tracking_uri)
     mlflow_client = client(uri)
     key = {"kdci.ray_run": str(folder)}

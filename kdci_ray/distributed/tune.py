@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DistillConfig, apply_overrides, validate_config, with_absolute_paths
+from ..engine.distill import check_dictionary_size, preflight
 from .session import check_gpu_fraction, check_gpu_workers_see_cuda, cluster_gpus, ensure_ray, train_worker_resources
 from .train import distill_on_ray, resolve_storage
 
@@ -34,8 +35,9 @@ def _override_list(overrides: dict[str, Any]) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
 
 
-def check_space(cfg: DistillConfig, space: dict[str, Any]) -> None:
-    """Every candidate value (or both ends of a range) must make a valid config: errors name the key."""
+def check_space(cfg: DistillConfig, space: dict[str, Any], available: int | None = None) -> None:
+    """Every candidate value (or both ends of a range) must make a valid config: errors name the key.
+    `available`: the images a trial's first dictionary build has (every kdci.n is checked against it)."""
     if not space:
         raise ValueError("the search space is empty: give at least one key, e.g. kdci.n=[8,16]")
     base = cfg.model_dump(mode="json")
@@ -55,7 +57,12 @@ def check_space(cfg: DistillConfig, space: dict[str, Any]) -> None:
         else:
             raise ValueError(f"search space {key}: give a non-empty list of values or a range, got {spec!r}")
         for value in values:
-            validate_config(DistillConfig, apply_overrides(copy.deepcopy(base), _override_list({key: value})), f"search space {key}={value!r}")
+            trial = validate_config(DistillConfig, apply_overrides(copy.deepcopy(base), _override_list({key: value})), f"search space {key}={value!r}")
+            if available is not None and key == "kdci.n":
+                try:
+                    check_dictionary_size(trial, available)
+                except ValueError as exc:
+                    raise ValueError(f"search space {key}={value!r}: {exc}") from None
 
 
 def _domains(space: dict[str, Any], search: str) -> dict[str, Any]:
@@ -227,8 +234,8 @@ def sweep(
             raise ValueError("search = optuna needs the optuna package: pip install -e \".[optuna]\" (or use --search random)") from None
     if CELL in space:
         raise ValueError(f"search space {CELL}: reserved for the base config of a table's trials; name a config key")
-    for c in configs.values():
-        check_space(c, space)
+    for c in configs.values():  # everything a trial would refuse in its first seconds, refused before Ray starts
+        check_space(c, space, preflight(c, workers_per_trial, check_n="kdci.n" not in space))
     cfg = next(iter(configs.values()))
     storage = resolve_storage(storage_path)
     name = name or f"{cfg.name}-sweep"

@@ -16,8 +16,9 @@ on the same hardware.
 Data parallel (`parallel.py`: a process group set up by a launcher such as Ray Train): the distiller is
 wrapped in DDP, every rank trains on its own substitution data (its own synthesizer seed, or its shard of
 a fixed pool), the dictionary is built by rank 0 from every rank's teacher outputs and broadcast, the
-epoch's loss terms are averaged over ranks, rank 0 evaluates and writes files, and checkpoints carry each
-rank's source and RNG state. The launcher owns resumption then (`distill(..., managed=True)`).
+epoch's loss terms are averaged over ranks, rank 0 evaluates and writes files, and each rank writes its own
+part of every checkpoint (its source and RNG state: no rank's pool is gathered). The launcher owns
+resumption then (`distill(..., managed=True)`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ _RUN_FILES = (
     "checkpoint.pt", "checkpoint.pt.tmp", "student.safetensors", "student.json", "dictionary.safetensors", "metrics.json",
     "config.yaml", "pool.parquet", "pool.parquet.tmp", "metrics.json.tmp",
 )
+_RANK_PART = "checkpoint-rank{}.pt"  # a data-parallel rank's own part of a checkpoint (its source and RNG)
 
 
 class SubstitutionSource(Protocol):
@@ -97,13 +99,14 @@ class SubstitutionSource(Protocol):
 class RunLogger(Protocol):
     """The loop's only view of tracking and orchestration (MLflow and Ray live in higher layers).
 
-    `log_metrics` is called on rank 0 only; `on_checkpoint(epoch, row, path)` on every rank after each
-    epoch's checkpoint (`path` on rank 0, None elsewhere), so a launcher can register the checkpoint.
+    `log_metrics` is called on rank 0 only; `on_checkpoint(epoch, row, paths)` on every rank after each
+    epoch's checkpoint, with the files that rank wrote (rank 0: checkpoint.pt, and with several ranks each
+    rank its own part, checkpoint-rank<r>.pt), so a launcher can register the checkpoint.
     """
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path) -> None: ...
-    def on_checkpoint(self, epoch: int, row: dict, path: Path | None) -> None: ...
+    def on_checkpoint(self, epoch: int, row: dict, paths: list[Path]) -> None: ...
 
 
 class NullLogger:
@@ -113,7 +116,7 @@ class NullLogger:
     def log_artifact(self, path: Path) -> None:
         pass
 
-    def on_checkpoint(self, epoch: int, row: dict, path: Path | None) -> None:
+    def on_checkpoint(self, epoch: int, row: dict, paths: list[Path]) -> None:
         pass
 
 
@@ -240,10 +243,13 @@ class _Run:
             kd_loss = source.kd_loss(kd_loss)
         self.distiller = Distiller(self.student, self.teacher, kd_loss, self.intervention)
         # What training calls: the distiller, DDP-wrapped when ranks share the work (DDP broadcasts rank 0's
-        # weights here, so every rank starts from the same student and intervention).
+        # weights here, so every rank starts from the same student and intervention). Buffers (BatchNorm
+        # statistics) are broadcast before every step only for a synthesizer: its adversarial terms read the
+        # student in eval mode on every rank. On fixed data only rank 0's statistics are ever used (it
+        # evaluates and saves), and rank 0 never receives any: the same student without a collective per step.
         self.train_module: torch.nn.Module = self.distiller
         if self.world > 1:
-            self.train_module = parallel.wrap_ddp(self.distiller, runtime.device)
+            self.train_module = parallel.wrap_ddp(self.distiller, runtime.device, broadcast_buffers=hasattr(source, "bind"))
         self.optimizer = make_optimizer(self.distiller, cfg.optim, runtime.device)
         self.extra_optimizers = source.kd_optimizers() if hasattr(source, "kd_optimizers") else []
         self.scaler = runtime.grad_scaler()
@@ -254,15 +260,7 @@ class _Run:
             len(source) if hasattr(source, "__len__") else None
         )
         if available is not None:  # the dictionary is built from every rank's data
-            available = parallel.sum_over_ranks(available)
-        if k.enabled and k.dictionary is None and available is not None and available < k.n:
-            # Caught here, not at the first dictionary build (which may come after an expensive synthesis).
-            more = ("select more: synthesis.num_select" if hasattr(cfg.synthesis, "num_select")  # selecting methods (DFND)
-                    else "synthesize more before KD: synthesis.warmup_calls / batch_size")
-            raise ValueError(
-                f"kdci.n = {k.n} prototypes but the substitution source has only {available} images when the dictionary is "
-                f"first built; lower kdci.n (or {more})"
-            )
+            check_dictionary_size(cfg, parallel.sum_over_ranks(available))
         total = self.steps_per_epoch * cfg.optim.epochs
         warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(total, warmup, cfg.optim.schedule))
@@ -363,14 +361,17 @@ class _Run:
         return row
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def checkpoint_state(self, epoch: int, history: list[dict]) -> dict | None:
-        """The checkpoint (on rank 0; None on the others). A collective: every rank calls it."""
-        d = self.dictionary
-        # Each rank's own source (its synthesizer's pool and generator) and RNGs, so every rank continues
-        # where it was; rank 0's also sit in the single-process places below.
-        ranks = parallel.gather_to_primary({"source": self.source.state_dict(), "rng": rng_state()}) if self.world > 1 else None
+    def checkpoint_state(self, epoch: int, history: list[dict]) -> tuple[dict | None, dict | None]:
+        """(the checkpoint: on rank 0, else None; this rank's part: with several ranks, else None). Each
+        rank's part holds its own source (its synthesizer's pool and generator) and RNGs, written by that
+        rank, so no rank's pool travels to rank 0; a single process keeps them in the checkpoint."""
+        part = None
+        if self.world > 1:
+            part = {"format": CHECKPOINT_FORMAT, "rank": self.rank, "world_size": self.world, "epoch": epoch,
+                    "source": self.source.state_dict(), "rng": rng_state()}
         if not self.primary:
-            return None
+            return None, part
+        d = self.dictionary
         return {
             "format": CHECKPOINT_FORMAT,
             "config": self.cfg.model_dump(mode="json"),
@@ -380,31 +381,21 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "dictionary": None if d is None else {"tensors": d.tensors(), "meta": d.meta_json(), "epoch": self.dictionary_epoch},
-            "source": self.source.state_dict() if self.world == 1 else None,  # data parallel: in "ranks"
+            "source": self.source.state_dict() if self.world == 1 else None,  # data parallel: in each rank's part
             "teacher_id": self.teacher_id,
             "scaler": self.scaler.state_dict(),
             "rng": rng_state() if self.world == 1 else None,
             "history": history,
             "world_size": self.world,
-            "ranks": ranks,
-        }
+        }, part
 
-    def restore(self, state: dict) -> None:
-        if state["teacher_id"] != self.teacher_id:
-            raise ValueError(
-                f"the teacher weights at {self.cfg.teacher.weights} changed since this run's checkpoint "
-                f"(content hash {state['teacher_id']} -> {self.teacher_id}); use another name or set output.overwrite=true"
-            )
+    def restore(self, state: dict, part: dict | None = None) -> None:
+        """Continue from `state` (and, with several ranks, this rank's `part` of it)."""
+        check_resume(state, self.cfg, self.teacher_id, self.world)
         self.student.load_state_dict(state["student"])
         if self.intervention is not None:
             self.intervention.load_state_dict(state["intervention"])
-        saved_world = state.get("world_size", 1)
-        if saved_world != self.world:
-            raise ValueError(
-                f"this checkpoint was written by {saved_world} data-parallel worker(s), this run has {self.world}: "
-                f"resume with {saved_world} (each worker continues its own substitution data), or use another name"
-            )
-        mine = state["ranks"][self.rank] if self.world > 1 else {"source": state["source"], "rng": state["rng"]}
+        mine = part if self.world > 1 else {"source": state["source"], "rng": state["rng"]}
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.source.load_state_dict(mine["source"])
@@ -476,6 +467,80 @@ def load_checkpoint(path: Path, cfg: DistillConfig) -> dict:
     return state
 
 
+def load_rank_part(checkpoint: Path, rank: int, world: int, epoch: int) -> dict:
+    """Rank `rank`'s part of a data-parallel checkpoint (next to `checkpoint`), checked to be of the same
+    epoch and rank count."""
+    path = checkpoint.with_name(_RANK_PART.format(rank))
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: {checkpoint} was not written by {world} data-parallel workers (rank {rank} "
+                         f"has no part of it); resume with the worker count that wrote it, or {_CHECKPOINT_FIX}")
+    try:
+        part = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise ValueError(f"{path} cannot be read as a checkpoint part ({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__}); "
+                         f"{_CHECKPOINT_FIX}") from None
+    if not isinstance(part, dict) or part.get("format") != CHECKPOINT_FORMAT or part.get("rank") != rank:
+        raise ValueError(f"{path} is not rank {rank}'s part of a kdci_ray checkpoint; {_CHECKPOINT_FIX}")
+    if part.get("world_size") != world:
+        raise ValueError(f"{path} was written by {part.get('world_size')} data-parallel worker(s), this run has {world}: "
+                         f"resume with {part.get('world_size')}, or use another name")
+    if part.get("epoch") != epoch:
+        raise ValueError(f"{path} is of epoch {part.get('epoch')}, {checkpoint} of epoch {epoch}: the checkpoint is incomplete; "
+                         f"{_CHECKPOINT_FIX}")
+    return part
+
+
+def check_resume(state: dict, cfg: DistillConfig, teacher_id: str, world: int) -> None:
+    """A checkpoint (already matched to the config by `load_checkpoint`) this run can continue: the same
+    teacher weights and the same number of data-parallel ranks."""
+    if state["teacher_id"] != teacher_id:
+        raise ValueError(
+            f"the teacher weights at {cfg.teacher.weights} changed since this run's checkpoint "
+            f"(content hash {state['teacher_id']} -> {teacher_id}); use another name or set output.overwrite=true"
+        )
+    saved_world = state.get("world_size", 1)
+    if saved_world != world:
+        raise ValueError(
+            f"this checkpoint was written by {saved_world} data-parallel worker(s), this run has {world}: "
+            f"resume with {saved_world} (each worker continues its own substitution data), or use another name"
+        )
+
+
+def check_dictionary_size(cfg: DistillConfig, available: int) -> None:
+    """kdci.n against the images the first dictionary build will have (all ranks' together): caught before
+    any expensive work (a synthesis may come first)."""
+    k = cfg.kdci
+    if k.enabled and k.dictionary is None and available < k.n:
+        more = ("select more: synthesis.num_select" if hasattr(cfg.synthesis, "num_select")  # selecting methods (DFND)
+                else "a larger pool" if cfg.pool is not None else "synthesize more before KD: synthesis.warmup_calls / batch_size")
+        raise ValueError(
+            f"kdci.n = {k.n} prototypes but the substitution source has only {available} images when the dictionary is "
+            f"first built; lower kdci.n (or {more})"
+        )
+
+
+def preflight(cfg: DistillConfig, world: int = 1, checkpoint: Path | None = None, check_n: bool = True) -> int:
+    """What a launcher of `world` data-parallel ranks checks before it starts any of them: what `distill()`
+    would refuse in its first seconds, on the CPU, without training. The teacher's file, card and classes,
+    the student, a pool's schema and image shape (footers only), kdci.n against the data (unless `check_n`
+    is False: a sweep checks its own values of it), a prebuilt dictionary, and the `checkpoint` the run
+    would resume from (its config, teacher and rank count). Returns the images the first dictionary build has."""
+    check_pool_run(cfg)
+    models = load_models(cfg, resolve_runtime("cpu", "fp32", "off"))
+    if cfg.pool is not None:
+        available = (pool_schema(cfg).total_rows // world) * world  # each rank holds an equal share
+    else:
+        source = make_source(cfg)  # no `synthesis:` either: refused here, naming both
+        available = world * (source.min_dictionary_images() if hasattr(source, "min_dictionary_images") else len(source))
+    if check_n:
+        check_dictionary_size(cfg, available)
+    if cfg.kdci.enabled and cfg.kdci.dictionary is not None:
+        load_prebuilt_dictionary(cfg.kdci.dictionary, cfg.kdci.n, models.teacher_id, models.num_classes)
+    if checkpoint is not None:
+        check_resume(load_checkpoint(checkpoint, cfg), cfg, models.teacher_id, world)
+    return available
+
+
 def distill(
     cfg: DistillConfig,
     source: SubstitutionSource,
@@ -499,10 +564,12 @@ def distill(
         raise ValueError("data-parallel distillation needs a launcher that owns its checkpoints: run it through kdci_ray.distributed (Ray Train)")
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.output.dir) / cfg.name
     ckpt_path = run_dir / "checkpoint.pt"
-    state = None
+    state = part = None
     if managed:
         if resume_from is not None:
             state = load_checkpoint(Path(resume_from), cfg)
+            if world > 1:
+                part = load_rank_part(Path(resume_from), parallel.rank(), world, state["epoch"])
         elif primary:
             _clear_run_files(run_dir)
     else:
@@ -526,7 +593,7 @@ def distill(
     history: list[dict] = []
     start = 1
     if state is not None:
-        run.restore(state)
+        run.restore(state, part)
         history = list(state["history"])
         start = state["epoch"] + 1
         log.info("distill %s: resuming after epoch %d", cfg.name, state["epoch"])
@@ -552,12 +619,17 @@ def distill(
         if primary and (epoch % cfg.eval_every == 0 or epoch == cfg.optim.epochs):
             row.update(run.evaluate())
         history.append(row)
-        checkpoint = run.checkpoint_state(epoch, history)  # collective
+        checkpoint, part = run.checkpoint_state(epoch, history)
+        written = []
         if primary:
             logger.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             save_atomic(checkpoint, ckpt_path)
+            written.append(ckpt_path)
+        if part is not None:  # every rank writes its own part
+            written.append(run_dir / _RANK_PART.format(run.rank))
+            save_atomic(part, written[-1])
         if hasattr(logger, "on_checkpoint"):  # optional: loggers written before the hook existed still work
-            logger.on_checkpoint(epoch, row, ckpt_path if primary else None)
+            logger.on_checkpoint(epoch, row, written)
         result.epoch = epoch
         log.info(
             "epoch %d/%d loss %.4f%s%s%s  %.0f img/s", epoch, cfg.optim.epochs, row["train_loss"],
@@ -575,6 +647,8 @@ def distill(
 def _clear_run_files(run_dir: Path) -> None:
     for name in _RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
+    for part in run_dir.glob(_RANK_PART.format("*") + "*"):  # data-parallel ranks' parts (and their .tmp)
+        part.unlink(missing_ok=True)
 
 
 def _finished(run: _Run, result: DistillResult) -> DistillResult:
@@ -649,16 +723,27 @@ def make_source(cfg: DistillConfig, seed: int | None = None) -> SubstitutionSour
     image_shape = (info.channels, info.image_size, info.image_size)
     if cfg.pool is not None:
         check_pool_run(cfg)
-        data = read_pool_parquet(cfg.pool)
-        if tuple(data.meta["image_shape"]) != image_shape:
-            raise ValueError(f"pool = {cfg.pool}: images are {tuple(data.meta['image_shape'])}, {cfg.data.dataset} needs {image_shape}")
-        return SubstitutionSet(data.images, seed=seed, name=f"pool {Path(cfg.pool).name}")
+        pool_schema(cfg)  # before reading any image
+        return SubstitutionSet(read_pool_parquet(cfg.pool).images, seed=seed, name=f"pool {Path(cfg.pool).name}")
     if cfg.synthesis is None:
         raise ValueError(
             "the config has no `synthesis:` section and no `pool:`: name a DFKD method "
             "(synthesis.method: dafl | deepinv | fast | cmi | mosaickd | dfnd) or a Parquet pool (pool: path)"
         )
     return create_synthesizer(cfg.synthesis, image_shape, cfg.teacher.num_classes or info.num_classes, seed=seed)
+
+
+def pool_schema(cfg: DistillConfig):
+    """The config's Parquet pool from its footers, refused unless its images are the dataset's shape."""
+    from ..synthesis import read_pool_schema
+
+    schema = read_pool_schema(cfg.pool)
+    info = dataset_info(cfg.data.dataset)
+    needed = (info.channels, info.image_size, info.image_size)
+    if schema.image_shape != needed:
+        raise ValueError(f"pool = {cfg.pool}: images are {schema.image_shape}, data.dataset = {cfg.data.dataset} needs {needed}; "
+                         "use a pool made for this dataset")
+    return schema
 
 
 def check_pool_run(cfg: DistillConfig) -> None:

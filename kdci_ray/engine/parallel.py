@@ -32,12 +32,14 @@ def rank_seed(seed: int) -> int:
     return seed + 1000 * rank()
 
 
-def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """`module` in DistributedDataParallel on `device` (its GPU, or the current one for a bare "cuda")."""
+def wrap_ddp(module: torch.nn.Module, device: torch.device, broadcast_buffers: bool = True) -> torch.nn.Module:
+    """`module` in DistributedDataParallel on `device` (its GPU, or the current one for a bare "cuda").
+    `broadcast_buffers=False`: no broadcast of rank 0's buffers (BatchNorm statistics) before every forward;
+    each rank keeps its own, which changes nothing on rank 0 (it only ever sends them)."""
     device_ids = None
     if device.type == "cuda":
         device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=broadcast_buffers)
 
 
 def to_cpu(obj: Any) -> Any:

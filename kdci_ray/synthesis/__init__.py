@@ -16,7 +16,7 @@ from . import fast as _fast  # noqa: F401
 from . import mosaickd as _mosaickd  # noqa: F401
 from .base import BestIterate, CallRandom, Synthesizer, synthesis_mode
 from .hooks import BNStatistics
-from .pool import ImagePool, PoolData, read_pool_parquet, write_pool_parquet
+from .pool import ImagePool, PoolData, PoolSchema, read_pool_parquet, read_pool_rows, read_pool_schema, write_pool_parquet
 from .registry import SYNTHESIZERS, create_synthesizer, register_method
 from .selection import Selection, merge_selections, select_top_k, self_confidence, top_k
 from .wild import WildImages
@@ -28,12 +28,15 @@ __all__ = [
     "CallRandom",
     "ImagePool",
     "PoolData",
+    "PoolSchema",
     "Selection",
     "Synthesizer",
     "WildImages",
     "create_synthesizer",
     "merge_selections",
     "read_pool_parquet",
+    "read_pool_rows",
+    "read_pool_schema",
     "register_method",
     "select_top_k",
     "self_confidence",

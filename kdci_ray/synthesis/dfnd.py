@@ -148,7 +148,8 @@ class DFND(Synthesizer):
             yield images.index_select(0, order[step * batch_size : (step + 1) * batch_size])
 
     def min_dictionary_images(self) -> int:
-        return self.n_select
+        """The selected count (before `setup`, e.g. on a launcher's driver: num_select, an upper bound)."""
+        return getattr(self, "n_select", self.cfg.num_select)
 
     def kd_loss(self, base):
         """KD + the noise-adapted NLL on the teacher's pseudo-labels (the weight 0 gives plain KD)."""

@@ -154,20 +154,44 @@ def write_pool_parquet(
     return path
 
 
-def read_pool_parquet(path: str | Path) -> PoolData:
-    """Read a pool written by `write_pool_parquet` (a file, or a folder of such files written as shards)."""
+@dataclass
+class PoolSchema:
+    """A Parquet pool as its footers describe it (no image read): checked once, before any data moves."""
+    files: list[Path]
+    rows: list[int]  # per file
+    meta: dict  # the first file's kdci_ray metadata
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta["image_shape"])
+
+
+def read_pool_schema(path: str | Path) -> PoolSchema:
+    """Check a pool written by `write_pool_parquet` (a file, or a folder of shards) from its footers:
+    the columns (image, logits, call), the format, and shards that agree on image shape, classes, method
+    and teacher. Cheap enough for a driver to call before it starts any worker."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no pool Parquet at {path}")
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise FileNotFoundError(f"{path} holds no .parquet files")
-    parts, meta = [], None
+    rows, meta = [], None
     for file in files:
-        table = pq.read_table(file)
-        raw = (table.schema.metadata or {}).get(_META_KEY)
-        if raw is None or not {"image", "logits", "call"} <= set(table.column_names):
-            raise ValueError(f"{file} is not a kdci_ray pool (needs columns image, logits, call and kdci_ray metadata)")
+        try:
+            footer = pq.read_metadata(file)
+        except (OSError, pa.ArrowException) as exc:
+            raise ValueError(f"{file} cannot be read as Parquet ({str(exc).splitlines()[0][:120]}); regenerate the pool") from None
+        schema = footer.schema.to_arrow_schema()
+        raw = (schema.metadata or {}).get(_META_KEY)
+        if raw is None or not {"image", "logits", "call"} <= set(schema.names):
+            missing = sorted({"image", "logits", "call"} - set(schema.names))
+            raise ValueError(f"{file} is not a kdci_ray pool (needs columns image, logits, call and kdci_ray metadata"
+                             f"{'; missing ' + ', '.join(missing) if missing else ''}): write it with jobs/synthesize.py")
         file_meta = json.loads(raw)
         if file_meta.get("format", 0) > PARQUET_FORMAT:
             raise ValueError(f"{file} has pool format {file_meta['format']}; this kdci_ray reads <= {PARQUET_FORMAT}: upgrade it")
@@ -176,17 +200,51 @@ def read_pool_parquet(path: str | Path) -> PoolData:
                 if file_meta.get(key) != meta.get(key):
                     raise ValueError(f"{file}: {key} {file_meta.get(key)!r} differs from the other shards' {meta.get(key)!r} in {path}")
         meta = meta or file_meta
-        c, h, w = file_meta["image_shape"]
+        rows.append(footer.num_rows)
+    return PoolSchema(files, rows, meta)
+
+
+def _decode_images(table: pa.Table, shape: list[int], file: Path) -> torch.Tensor:
+    c, h, w = shape
+    n = table.num_rows
+    blob = b"".join(table.column("image").to_pylist())
+    if len(blob) != n * c * h * w:
+        raise ValueError(f"{file}: image bytes do not match the declared shape {shape}")
+    return torch.from_numpy(np.frombuffer(blob, dtype=np.uint8).reshape(n, c, h, w).copy())
+
+
+def read_pool_rows(path: str | Path, start: int, stop: int, schema: PoolSchema | None = None) -> torch.Tensor:
+    """The images (uint8 NCHW) of rows [start, stop) of a pool, in file order, reading only the files
+    (and only the image column) that hold them: a data-parallel worker's share, read once."""
+    schema = schema or read_pool_schema(path)
+    if not 0 <= start <= stop <= schema.total_rows:
+        raise IndexError(f"rows [{start}, {stop}) outside the pool's {schema.total_rows} rows ({path})")
+    parts, offset = [], 0
+    for file, n in zip(schema.files, schema.rows):
+        lo, hi = max(start, offset), min(stop, offset + n)
+        if lo < hi:
+            table = pq.read_table(file, columns=["image"]).slice(lo - offset, hi - lo)
+            parts.append(_decode_images(table, schema.meta["image_shape"], file))
+        offset += n
+    if not parts:
+        return torch.empty(0, *schema.image_shape, dtype=torch.uint8)
+    return torch.cat(parts)
+
+
+def read_pool_parquet(path: str | Path) -> PoolData:
+    """Read a pool written by `write_pool_parquet` (a file, or a folder of such files written as shards)."""
+    schema = read_pool_schema(path)
+    parts = []
+    for file in schema.files:
+        table = pq.read_table(file)
+        file_meta = json.loads(table.schema.metadata[_META_KEY])
         n = table.num_rows
-        blob = b"".join(table.column("image").to_pylist())
-        if len(blob) != n * c * h * w:
-            raise ValueError(f"{file}: image bytes do not match the declared shape {file_meta['image_shape']}")
-        images = torch.from_numpy(np.frombuffer(blob, dtype=np.uint8).reshape(n, c, h, w).copy())
+        images = _decode_images(table, file_meta["image_shape"], file)
         logits = torch.from_numpy(
             table.column("logits").combine_chunks().flatten().to_numpy().astype(np.float32).reshape(n, file_meta["num_classes"])
         )
         calls = torch.from_numpy(table.column("call").to_numpy().astype(np.int64))
         parts.append((images, logits, calls))
     images, logits, calls = (torch.cat(p) for p in zip(*parts))
-    meta = {**meta, "rows": int(images.shape[0]), "files": len(files)}
+    meta = {**schema.meta, "rows": int(images.shape[0]), "files": len(schema.files)}
     return PoolData(images, logits, calls, meta)

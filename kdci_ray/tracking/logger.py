@@ -55,7 +55,7 @@ class MlflowRunLogger:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def on_checkpoint(self, epoch: int, row: dict, path: Path | None) -> None:
+    def on_checkpoint(self, epoch: int, row: dict, paths: list[Path]) -> None:
         pass  # checkpoints stay with the run (or Ray's storage); MLflow gets the final artifacts
 
     # -- run-level records -------------------------------------------------------------------------
