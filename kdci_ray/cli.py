@@ -13,7 +13,8 @@ from .models import WeightsError
 from .registry import UnknownNameError
 
 # Errors whose message already tells the user what to fix: print it, no traceback (unless --debug).
-USER_ERRORS = (ConfigError, DatasetError, WeightsError, UnknownNameError, FileExistsError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, DatasetError, WeightsError, UnknownNameError, FileExistsError, FileNotFoundError, ValueError,
+               FloatingPointError)  # a diverged loss: its message names the fix (lower optim.lr)
 
 
 def print_result(result: dict) -> None:

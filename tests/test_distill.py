@@ -257,3 +257,56 @@ def test_unreadable_checkpoints_and_a_full_disk_are_one_line_and_lose_nothing(di
     assert ckpt.read_bytes() == good and not os.path.lexists(tmp_path / "run" / "checkpoint.pt.tmp")
     resumed = distill(cfg, SubstitutionSet(noisy_digits, seed=0))  # space again: it resumes from that checkpoint
     assert resumed.resumed_from == 1 and resumed.finished
+
+
+def _ddp_rank(rank: int, world: int, port: int, raw: dict, images: torch.Tensor, out: str, forced: bool | None) -> None:
+    """One rank of a 2-process gloo run of the core loop on a fixed set (each rank half of it); records the
+    buffer-broadcast setting its DDP wrapper got."""
+    import os
+
+    import torch.distributed as dist
+
+    from kdci_ray.engine import parallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    wrap, used = parallel.wrap_ddp, []
+
+    def wrap_ddp(module, device, broadcast_buffers=True):
+        used.append(broadcast_buffers if forced is None else forced)  # forced: DDP's buffer broadcast either way
+        return wrap(module, device, broadcast_buffers=used[-1])
+
+    parallel.wrap_ddp = wrap_ddp
+    cfg = validate_config(DistillConfig, raw)
+    per = len(images) // world
+    source = SubstitutionSet(images[rank * per:(rank + 1) * per], seed=parallel.rank_seed(cfg.seed))
+    distill(cfg, source, run_dir=Path(out), managed=True)
+    (Path(out) / f"broadcast-rank{rank}.json").write_text(json.dumps(used))
+    dist.barrier()  # rank 0 writes the run's files after the last collective: end together
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow(seconds=25)
+def test_ddp_without_buffer_broadcasts_trains_the_same_student(digits_teacher, noisy_digits, tmp_path):
+    """On fixed data the DDP step broadcasts no buffers (BatchNorm statistics) any more: rank 0 only ever sent
+    them, so its student (the one evaluated and saved) is exactly the one the broadcasting step trained."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    images = torch.from_numpy(noisy_digits[:512]).permute(0, 3, 1, 2).contiguous()
+    students = {}
+    for label, broadcast in (("today", True), ("new", None)):
+        raw = config(digits_teacher, tmp_path, label, **{"optim.epochs": 2, "optim.batch_size": 32, "kdci.n": 4}).model_dump(mode="json")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = tmp_path / label
+        mp.spawn(_ddp_rank, args=(2, port, raw, images, str(out), broadcast), nprocs=2, join=True)
+        students[label] = load_file(out / "student.safetensors")
+        assert json.loads((out / "broadcast-rank1.json").read_text()) == [label == "today"]
+    assert students["today"].keys() == students["new"].keys()
+    for name, value in students["today"].items():
+        assert torch.equal(value, students["new"][name]), name
+    assert any("running_mean" in name for name in students["new"])  # the student has BatchNorm statistics to broadcast

@@ -63,6 +63,51 @@ def test_synthesize_then_build_dictionary_jobs_on_a_local_ray(ray_env, digits_te
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "pool").iterdir()) == before
 
 
+def _refused(args, env=ENV):
+    """Run a job that must refuse its input: (the last line of stderr, its whole stderr) after checking the
+    refusal is what the entry points promise: exit code 2, no traceback, within seconds, Ray never started."""
+    t0 = time.time()
+    rc, _, err = job(*args, env=env, timeout=120)
+    seconds = time.time() - t0
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    assert rc == 2 and last.startswith("error: ") and "Traceback" not in err and seconds < 30, (rc, seconds, err[-3000:])
+    assert "started a local Ray" not in err and "connected to" not in err  # refused on the driver, before Ray
+    return last, err
+
+
+@pytest.mark.slow(seconds=30)
+def test_distill_and_tune_jobs_refuse_bad_input_before_ray_starts(digits_teacher, tmp_path):
+    """What a worker would refuse in its first seconds is refused by the driver, as one line, before Ray or
+    MLflow start, leaving nothing behind: a pool without the logits column, a pool of the wrong image shape,
+    kdci.n beyond the pool (in a config and in a sweep's space), a teacher file that is not the config's arch."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from kdci_ray.synthesis import write_pool_parquet
+
+    config = REPO / "configs" / "fast-digits-digits_cnn-digits_cnn_small.yaml"
+    storage = tmp_path / "ray"
+    common = ["--config", config, "--set", f"teacher.weights={digits_teacher}", "--storage", storage, "--set", "name=refused"]
+    good, shape, nologits = tmp_path / "good.parquet", tmp_path / "shape.parquet", tmp_path / "nologits.parquet"
+    write_pool_parquet(good, torch.zeros(64, 1, 8, 8, dtype=torch.uint8), torch.zeros(64, 10), torch.zeros(64, dtype=torch.long))
+    write_pool_parquet(shape, torch.zeros(64, 3, 8, 8, dtype=torch.uint8), torch.zeros(64, 10), torch.zeros(64, dtype=torch.long))
+    pq.write_table(pq.read_table(good).drop_columns(["logits"]), nologits)  # keeps the pool's metadata
+
+    last, _ = _refused(["jobs/distill.py", *common, "--set", f"pool={nologits}", "--no-track"])
+    assert "is not a kdci_ray pool" in last and "missing logits" in last
+    last, _ = _refused(["jobs/distill.py", *common, "--set", f"pool={shape}", "--no-track"])
+    assert "images are (3, 8, 8)" in last and "needs (1, 8, 8)" in last
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    last, _ = _refused(["jobs/distill.py", *common, "--set", f"pool={good}", "--set", "kdci.n=100", "--tracking-uri", uri])
+    assert "kdci.n = 100" in last and "only 64 images" in last
+    last, _ = _refused(["jobs/distill.py", *common, "--set", "teacher.arch=digits_cnn_small", "--no-track"])
+    assert "digits_cnn_small" in last
+    last, _ = _refused(["jobs/tune.py", *common, "--set", f"pool={good}", "--space", "kdci.n=[8,100]", "--scheduler", "fifo",
+                        "--tracking-uri", uri])
+    assert last.startswith("error: search space kdci.n=100:") and "only 64 images" in last
+    assert not storage.exists() and not (tmp_path / "mlflow.db").exists()  # no run folder, no MLflow store
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -125,3 +170,15 @@ def test_ray_job_submit_runs_the_pipeline_against_a_head_on_localhost(ray_head, 
     pipeline = [r for r in runs if "kdci.pipeline" in r.data.tags]
     assert len(runs) == 2 and len(pipeline) == 1 and pipeline[0].info.status == "FINISHED"  # the pipeline and its distillation
     assert [r.data.tags.get("mlflow.parentRunId") for r in runs if r not in pipeline] == [pipeline[0].info.run_id]
+
+    # A refused job through `ray job submit`: its one line, exit code 2, in seconds, nothing of the run touched.
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    t0 = time.time()
+    cmd = [ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO), "--", "python", "jobs/distill.py",
+           "--config", "configs/fast-digits-digits_cnn-digits_cnn_small.yaml", "--set", f"teacher.weights={digits_teacher}",
+           "--set", "name=submitted", "--set", f"pool={run / 'pool'}", "--set", "kdci.n=100000", "--storage", str(storage), "--no-track"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "exit code 2" in out and "Traceback" not in out and time.time() - t0 < 30, out[-3000:]
+    assert "error: kdci.n = 100000 prototypes but the substitution source has only 256 images" in out
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
