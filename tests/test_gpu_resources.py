@@ -109,3 +109,16 @@ def test_gpu_workers_whose_torch_sees_no_cuda_fail_at_once(gpu_ray, digits_teach
                                      "--workers", 1, "--storage", tmp_path / "job", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", env=env)
     assert rc == 2 and "sees no CUDA device" in last and "Traceback" not in err and seconds < 30, err[-2000:]
     assert not (tmp_path / "job" / "job").exists()
+
+
+def test_the_dfnd_selection_driver_takes_no_gpu(gpu_ray, digits_teacher, tmp_path):
+    """DFND's selection on a 1-GPU node with `device: cuda`: the driver (which only writes the kept images
+    with their teacher logits) runs on the CPU, so the first CUDA check is the probe of the scoring actors'
+    GPU. Without a CUDA device here that probe refuses; the driver itself never asked for CUDA."""
+    from kdci_ray.distributed import select_wild
+
+    cfg = load_config(REPO / "configs" / "dfnd-digits-digits_cnn-digits_cnn_small.yaml", DistillConfig,
+                      [f"teacher.weights={digits_teacher}", "device=cuda", "synthesis.num_select=100"])
+    error = refusal(select_wild, cfg, tmp_path / "sel", shards=2, actors=1)
+    assert isinstance(error, ValueError) and "Ray gives each Ray Data actor 1 GPU but torch" in str(error), error
+    assert not (tmp_path / "sel").exists()  # refused before the output folder was made

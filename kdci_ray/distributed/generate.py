@@ -251,15 +251,18 @@ def select_wild(
     if mode == "resume":
         log.info("select_wild: a selection is one merge over all shards; resume reruns it whole (overwrite)")
         mode = "overwrite"
-    prepare_output(out, mode)
-    driver = _Worker(cfg.model_dump(mode="json"))  # the driver writes the k kept images with the teacher's logits
+    prepare_output(out, mode, apply=False)  # a refused folder is refused before anything loads or changes
+    # The driver only writes the k kept images with the teacher's logits on them: on the CPU, so it takes no
+    # GPU of the node it runs on (the actors that score the wild pool have theirs).
+    driver = _Worker(cfg.model_copy(update={"device": "cpu"}).model_dump(mode="json"))
     dfnd = _bound_dfnd(driver)
     wild = dfnd.wild
     k = dfnd.n_select
     bounds = np.linspace(0, len(wild), shards + 1).round().astype(int)
     tasks = [{"start": int(a), "stop": int(b), "k": k} for a, b in zip(bounds, bounds[1:]) if b > a]
     ray = ensure_ray()
-    resources, actors = _resources(ray, actors, gpus_per_actor, cpus_per_actor)
+    resources, actors = _resources(ray, actors, gpus_per_actor, cpus_per_actor)  # and a refused pool before anything changes
+    prepare_output(out, mode)
     t0 = time.perf_counter()
     pool = min(actors, len(tasks))
     compute = _pool(ray, pool)
