@@ -30,6 +30,8 @@ def test_recovers_planted_clusters_and_proportions():
     d = build_dictionary_from_arrays(x, len(PROPORTIONS), seed=0, block_rows=1000, max_train_points=4000)
     assigned = d.assign(x)
     assert purity(assigned, truth, d.n) >= 0.99
+    index = d._index[1]  # built by the first lookup, kept for the next ones (not one faiss index per call)
+    assert np.array_equal(np.concatenate([d.assign(x[:2500]), d.assign(x[2500:])]), assigned) and d._index[1] is index
     # Each prototype is the mean of its cluster's logits, i.e. near a planted center.
     dist = np.linalg.norm(d.prototypes.numpy()[:, None] - centers[None], axis=2)
     match = dist.argmin(axis=1)

@@ -3,7 +3,6 @@ the distributed dictionary, Ray Train distillation with KDCI off and on, a 4-tri
 local Ray and a real sqlite MLflow store, read back through MLflow's client."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .kmeans import ClusterStats, as_float32, assign, cluster_stats, kmeans, resolve_use_gpu, row_keys
+from .kmeans import CentroidIndex, ClusterStats, as_float32, cluster_stats, kmeans, resolve_use_gpu, row_keys
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,13 @@ class ConfounderDictionary:
         return project(as_float32(features), self.pca_matrix, self.pca_bias)
 
     def assign(self, features, use_gpu: bool | str = "auto") -> np.ndarray:
-        """Cluster index of each feature row (same feature kind the dictionary was built from)."""
-        return assign(self.project(features), self.centroids.numpy(), resolve_use_gpu(use_gpu))[0]
+        """Cluster index of each feature row (same feature kind the dictionary was built from); the search
+        index is built on the first call and kept."""
+        gpu = resolve_use_gpu(use_gpu)
+        cached = getattr(self, "_index", None)
+        if cached is None or cached[0] != gpu:
+            cached = self._index = (gpu, CentroidIndex(self.centroids.numpy(), gpu))
+        return cached[1].assign(self.project(features))[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"prototypes": self.prototypes, "priors": self.priors, "centroids": self.centroids, "counts": self.counts}
@@ -251,12 +256,12 @@ def build_dictionary(
 
     centroids, iterations, inertia = kmeans(train, n, niter=niter, seed=seed, use_gpu=gpu, nredo=nredo)
 
-    # Pass 2: assign every sample; sum teacher logits per cluster.
-    stats = None
+    # Pass 2: assign every sample; sum teacher logits per cluster (one index for every block).
+    stats, index = None, CentroidIndex(centroids, gpu)
     for i, (features, logits) in enumerate(_open_blocks(blocks)):
         feats, logits = _checked_block(i, features, logits, feature)
         feats = project(feats, pca_matrix, pca_bias)
-        block = cluster_stats(feats, centroids, gpu, values=logits)
+        block = cluster_stats(feats, index, values=logits)
         stats = block if stats is None else stats + block
     assert stats is not None
     if int(stats.counts.sum()) != total:

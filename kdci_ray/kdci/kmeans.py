@@ -55,12 +55,29 @@ def as_float32(x) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid (L2) of each row: (labels int64, squared distances float32)."""
-    index = _flat_index(centroids.shape[1], use_gpu)
-    index.add(as_float32(centroids))
-    dist, labels = index.search(as_float32(x), 1)
-    return labels[:, 0].astype(np.int64), dist[:, 0]
+class CentroidIndex:
+    """Nearest-centroid search over one set of centroids: the faiss index is built once and serves every
+    block assigned to them (a dictionary's final pass, a trained dictionary's lookups)."""
+
+    def __init__(self, centroids, use_gpu: bool = False):
+        self.centroids = as_float32(centroids)
+        self.index = _flat_index(self.centroids.shape[1], use_gpu)
+        self.index.add(self.centroids)
+
+    @property
+    def k(self) -> int:
+        return self.centroids.shape[0]
+
+    def assign(self, x) -> tuple[np.ndarray, np.ndarray]:
+        dist, labels = self.index.search(as_float32(x), 1)
+        return labels[:, 0].astype(np.int64), dist[:, 0]
+
+
+def assign(x: np.ndarray, centroids: "np.ndarray | CentroidIndex", use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (L2) of each row: (labels int64, squared distances float32). Pass a `CentroidIndex`
+    to assign many blocks to the same centroids (one index, not one per block)."""
+    index = centroids if isinstance(centroids, CentroidIndex) else CentroidIndex(centroids, use_gpu)
+    return index.assign(x)
 
 
 def row_keys(seed: int, start: int, count: int) -> np.ndarray:
@@ -99,11 +116,13 @@ class ClusterStats:
         return cls(np.zeros((k, d), np.float64), np.zeros(k, np.int64), 0.0)
 
 
-def cluster_stats(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False, values: np.ndarray | None = None) -> ClusterStats:
-    """Assign `x` to `centroids` and sum `values` (default: `x` itself) per cluster."""
-    labels, dist = assign(x, centroids, use_gpu)
+def cluster_stats(x: np.ndarray, centroids: "np.ndarray | CentroidIndex", use_gpu: bool = False, values: np.ndarray | None = None) -> ClusterStats:
+    """Assign `x` to `centroids` (an array, or a `CentroidIndex` reused across blocks) and sum `values`
+    (default: `x` itself) per cluster."""
+    index = centroids if isinstance(centroids, CentroidIndex) else CentroidIndex(centroids, use_gpu)
+    labels, dist = index.assign(x)
     values = as_float32(x if values is None else values).astype(np.float64)
-    k = centroids.shape[0]
+    k = index.k
     # index_add_ is a fast scatter-sum; np.add.at is ~50x slower on large blocks.
     sums = torch.zeros((k, values.shape[1]), dtype=torch.float64).index_add_(0, torch.from_numpy(labels), torch.from_numpy(values)).numpy()
     return ClusterStats(sums, np.bincount(labels, minlength=k).astype(np.int64), float(dist.astype(np.float64).sum()))
