@@ -273,9 +273,9 @@ def _ddp_rank(rank: int, world: int, port: int, raw: dict, images: torch.Tensor,
     torch.set_num_threads(1)
     wrap, used = parallel.wrap_ddp, []
 
-    def wrap_ddp(module, device, broadcast_buffers=True):
-        used.append(broadcast_buffers if forced is None else forced)  # forced: DDP's buffer broadcast either way
-        return wrap(module, device, broadcast_buffers=used[-1])
+    def wrap_ddp(module, device, sync_buffers=True):
+        used.append(sync_buffers if forced is None else forced)  # forced: DDP's buffer broadcast either way
+        return wrap(module, device, sync_buffers=used[-1])
 
     parallel.wrap_ddp = wrap_ddp
     cfg = validate_config(DistillConfig, raw)

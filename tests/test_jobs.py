@@ -182,3 +182,47 @@ def test_ray_job_submit_runs_the_pipeline_against_a_head_on_localhost(ray_head, 
     assert proc.returncode != 0 and "exit code 2" in out and "Traceback" not in out and time.time() - t0 < 30, out[-3000:]
     assert "error: kdci.n = 100000 prototypes but the substitution source has only 256 images" in out
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+
+def _ray_helpers_of(session: str) -> list[int]:
+    """Pids of this user's Ray processes holding files open in `session` (a Ray session folder)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::") and any(
+                os.readlink(fd).startswith(session + os.sep) for fd in (entry / "fd").iterdir()
+            ):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slow(seconds=20)
+def test_the_next_start_ends_the_ray_helpers_a_killed_driver_left(tmp_path):
+    """Ray's agents of a killed driver's local Ray outlive it (Ray 2.60); the next local start ends them."""
+    from kdci_ray.distributed.session import end_helpers_of_killed_drivers
+
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from kdci_ray.distributed.session import ensure_ray; "
+            "ray = ensure_ray(); print(ray._private.worker._global_node.get_session_dir_path(), flush=True); time.sleep(600)")
+    env = {k: v for k, v in ENV.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen([sys.executable, "-c", code, str(REPO)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        session = driver.stdout.readline().strip()
+        assert session, "the driver did not start its local Ray"
+        deadline = time.time() + 60
+        while len(_ray_helpers_of(session)) < 2 and time.time() < deadline:  # the dashboard and runtime-env agents
+            time.sleep(0.5)
+    finally:
+        driver.kill()
+        driver.wait(timeout=30)
+    time.sleep(3)  # the rest of its session ends with the driver
+    left = _ray_helpers_of(session)
+    assert left, "Ray no longer leaves its agents behind a killed driver: end_helpers_of_killed_drivers can go"
+    ended = end_helpers_of_killed_drivers()
+    assert set(left) <= set(ended)
+    deadline = time.time() + 20
+    while _ray_helpers_of(session) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _ray_helpers_of(session)
+    assert end_helpers_of_killed_drivers() == []  # the record is gone with them: nothing to do the next time

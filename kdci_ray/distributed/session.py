@@ -3,8 +3,10 @@ else a local Ray started for this process. Usage statistics stay off unless the 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +23,84 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
         ray.init(address=address, log_to_driver=True)
         log.info("ray: connected to %s", address)
     else:
+        end_helpers_of_killed_drivers()
         # A local Ray for this process only: no dashboard, nothing listening beyond this machine. "local": a
         # new one even where `ray start` left a cluster behind (ray.init would otherwise join that one).
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        _record_driver(ray)
         log.info("ray: started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
     return ray
+
+
+# Ray 2.60's per-node agents (ray::DashboardAgent, ray::RuntimeEnvAgent) of a local Ray outlive a driver
+# that was killed (SIGKILL, OOM): the rest of the session ends with it, they stay, re-parented to init.
+# Each local Ray this module starts records its driver in its session folder; the next start ends the
+# helpers of sessions whose driver is gone (found by the files they hold open in that session's folder:
+# nothing of another session, user or live driver is touched).
+_DRIVER_RECORD = "kdci_ray_driver.json"
+
+
+def _process_start(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of `pid`, None if there is no such process: with the pid it
+    tells a driver from a later process that reuses its number."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _record_driver(ray) -> None:
+    try:  # the session folder of the local Ray just started (Ray has no public accessor for it)
+        session = Path(ray._private.worker._global_node.get_session_dir_path())
+        (session / _DRIVER_RECORD).write_text(json.dumps({"pid": os.getpid(), "start": _process_start(os.getpid())}))
+    except Exception as exc:  # a record is a convenience for the next start, never a reason to fail this one
+        log.debug("ray: driver not recorded (%s)", exc)
+
+
+def end_helpers_of_killed_drivers(temp_dir: str | Path | None = None) -> list[int]:
+    """End Ray's processes still holding files open in the session folder of a local Ray whose recorded
+    driver is gone (the agents of a killed run); returns their pids. Linux only (/proc); elsewhere nothing."""
+    import signal
+    import tempfile
+
+    root = Path(temp_dir) if temp_dir is not None else Path(tempfile.gettempdir()) / "ray"
+    if not Path("/proc").is_dir():
+        return []
+    dead = []
+    for record in root.glob(f"session_*/{_DRIVER_RECORD}"):
+        try:
+            driver = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if _process_start(int(driver["pid"])) != driver["start"]:  # the driver is gone (or its pid reused)
+            dead.append(record)
+    if not dead:
+        return []
+    sessions = tuple(str(record.parent) + os.sep for record in dead)
+    ended = []
+    for entry in Path("/proc").iterdir():  # one pass over this user's processes for every dead session
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            argv0 = (entry / "cmdline").read_bytes().split(b"\0")[0]
+            if not (argv0.startswith(b"ray::") or b"/ray/" in argv0):  # Ray's processes only (not a `tail -f` of its logs)
+                continue
+            holds = any(os.readlink(fd).startswith(sessions) for fd in (entry / "fd").iterdir())
+        except OSError:  # ended while we looked, or not ours to read
+            continue
+        if holds:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)  # SIGTERM leaves them running (measured); `ray stop --force` kills too
+                ended.append(int(entry.name))
+            except OSError:
+                pass
+    for record in dead:
+        record.unlink(missing_ok=True)
+    if ended:
+        log.info("ray: ended %d helper process(es) %s left by the local Ray of a killed run", len(ended), ended)
+    return ended
 
 
 def release_ray() -> None:

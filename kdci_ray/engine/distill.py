@@ -249,7 +249,7 @@ class _Run:
         # evaluates and saves), and rank 0 never receives any: the same student without a collective per step.
         self.train_module: torch.nn.Module = self.distiller
         if self.world > 1:
-            self.train_module = parallel.wrap_ddp(self.distiller, runtime.device, broadcast_buffers=hasattr(source, "bind"))
+            self.train_module = parallel.wrap_ddp(self.distiller, runtime.device, sync_buffers=hasattr(source, "bind"))
         self.optimizer = make_optimizer(self.distiller, cfg.optim, runtime.device)
         self.extra_optimizers = source.kd_optimizers() if hasattr(source, "kd_optimizers") else []
         self.scaler = runtime.grad_scaler()

@@ -7,6 +7,7 @@ few collectives below, each a no-op in a single process.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Iterable
 
 import torch
@@ -32,14 +33,18 @@ def rank_seed(seed: int) -> int:
     return seed + 1000 * rank()
 
 
-def wrap_ddp(module: torch.nn.Module, device: torch.device, broadcast_buffers: bool = True) -> torch.nn.Module:
+def wrap_ddp(module: torch.nn.Module, device: torch.device, sync_buffers: bool = True) -> torch.nn.Module:
     """`module` in DistributedDataParallel on `device` (its GPU, or the current one for a bare "cuda").
-    `broadcast_buffers=False`: no broadcast of rank 0's buffers (BatchNorm statistics) before every forward;
+    `sync_buffers=False`: no broadcast of rank 0's buffers (BatchNorm statistics) before every forward;
     each rank keeps its own, which changes nothing on rank 0 (it only ever sends them)."""
     device_ids = None
     if device.type == "cuda":
         device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=broadcast_buffers)
+    options = {}
+    if not sync_buffers:  # newer torch names it forward_sync_buffers (still syncing once at init); older ones broadcast_buffers
+        known = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+        options = {"forward_sync_buffers": False} if "forward_sync_buffers" in known else {"broadcast_buffers": False}
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **options)
 
 
 def to_cpu(obj: Any) -> Any:
