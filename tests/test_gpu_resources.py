@@ -108,6 +108,11 @@ def test_gpu_workers_whose_torch_sees_no_cuda_fail_at_once(gpu_ray, digits_teach
     rc, last, err, seconds = run_job("jobs/distill.py", "--config", CONFIG, "--set", f"teacher.weights={digits_teacher}", "--set", "name=job",
                                      "--workers", 1, "--storage", tmp_path / "job", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", env=env)
     assert rc == 2 and "sees no CUDA device" in last and "Traceback" not in err and seconds < 30, err[-2000:]
+    from kdci_ray.tracking.store import client
+
+    store = client(f"sqlite:///{tmp_path / 'm.db'}")
+    experiments = [e.experiment_id for e in store.search_experiments()]
+    assert not store.search_runs(experiments)  # refused before its MLflow run was opened: no failed run left
     assert not (tmp_path / "job" / "job").exists()
 
 

@@ -226,6 +226,57 @@ def test_bn_statistics_loss_is_zero_at_the_running_statistics():
         BNStatistics(torch.nn.Linear(2, 2))
 
 
+def _per_layer_bn_loss(layers, inputs, ema=None, momentum=0.0):
+    """The BN-statistics loss written layer by layer (the public code's form): the reference."""
+    total = 0.0
+    for i, (layer, x) in enumerate(zip(layers, inputs)):
+        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        if ema is not None:
+            mean, var = (1 - momentum) * mean + momentum * ema[i][0], (1 - momentum) * var + momentum * ema[i][1]
+        total = total + torch.norm(layer.running_var - var, 2) + torch.norm(layer.running_mean - mean, 2)
+    return total
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_the_vectorised_bn_loss_is_the_per_layer_loss(momentum):
+    """All layers in one padded block: the same value and the same pixel gradient as the per-layer loop, on
+    layers of different widths (and with Fast's moving averages), across calls and a state round trip."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 7, 3, padding=1), torch.nn.BatchNorm2d(7), torch.nn.ReLU()).eval()
+    layers = [model[1], model[4]]
+    for layer in layers:
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+    seen: list[torch.Tensor] = []
+    taps = [layer.register_forward_hook(lambda m, i, o: seen.append(i[0])) for layer in layers]
+    stats, ema = BNStatistics(model, momentum=momentum), None
+    for call in range(3):
+        x = torch.randn(6, 3, 5, 5, requires_grad=True)
+        seen.clear()
+        with stats:
+            model(x)
+            loss = stats.loss()
+        reference = _per_layer_bn_loss(layers, seen, ema if momentum else None, momentum)
+        assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+        (grad,) = torch.autograd.grad(loss, x, retain_graph=True)  # the reference shares the model's forward
+        (expected,) = torch.autograd.grad(reference, x)
+        assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-6)
+        stats.update_ema()
+        if momentum:
+            now = [(s.mean((0, 2, 3)).detach(), s.var((0, 2, 3), unbiased=False).detach()) for s in seen]
+            ema = now if ema is None else [(momentum * e[0] + (1 - momentum) * n[0], momentum * e[1] + (1 - momentum) * n[1])
+                                           for e, n in zip(ema, now)]
+    for tap in taps:
+        tap.remove()
+    restored = BNStatistics(model, momentum=momentum)
+    restored.load_state_dict(stats.state_dict(), "cpu")
+    assert [t.shape for t in stats.state_dict()["ema"]] == ([(2, 4), (2, 7)] if momentum else [])
+    assert (restored.ema is None) == (stats.ema is None)
+    if momentum:
+        assert all(torch.equal(a, b) for a, b in zip(restored.ema, stats.ema))
+
+
 def test_unknown_method_and_bad_fields_are_named():
     base = {"name": "x", "data": {"dataset": "digits"}, "teacher": {"arch": "digits_cnn", "weights": "w.safetensors"},
             "student": {"arch": "digits_cnn_small"}}

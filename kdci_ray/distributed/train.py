@@ -271,6 +271,21 @@ def check_run(cfg: DistillConfig, storage: Path, num_workers: int) -> int | None
     return (schema.total_rows // num_workers) * int(np.prod(schema.image_shape))
 
 
+def place_workers(cfg: DistillConfig, share: int | None, num_workers: int, use_gpu: bool | None, gpus_per_worker: float | None,
+                  cpus_per_worker: float | None, address: str | None, probe_cuda: bool = True):
+    """(ray, use_gpu, resources per worker), decided from the cluster: workers it cannot place, a torch that
+    sees no CUDA where GPU workers would run, and a pool share beyond the GPU's memory are refused here."""
+    ray = ensure_ray(address)
+    # CPU workers share the CPUs, one left free (the Train controller, other stages); a GPU fraction lets
+    # several one-worker runs (Tune trials) share a GPU.
+    use_gpu, resources = train_worker_resources(ray, num_workers, use_gpu, gpus_per_worker, cpus_per_worker, cpu_reserve=1.0)
+    if use_gpu and probe_cuda:
+        report = check_gpu_workers_see_cuda(ray, resources, "Ray Train worker")
+        if share is not None:
+            check_memory(share, torch.device("cuda"), f"pool = {cfg.pool}: a worker's share", free=report["free_bytes"])
+    return ray, use_gpu, resources
+
+
 def distill_on_ray(
     cfg: DistillConfig,
     *,
@@ -305,17 +320,10 @@ def distill_on_ray(
         return RayDistillResult(run_dir, storage / cfg.name, history, checkpoint=_newest_checkpoint(storage / cfg.name),
                                 resumed_from=cfg.optim.epochs, workers=num_workers, use_gpu=bool(use_gpu))
     share = check_run(cfg, storage, num_workers)
-    ray = ensure_ray(address)
+    ray, use_gpu, resources = place_workers(cfg, share, num_workers, use_gpu, gpus_per_worker, cpus_per_worker, address, probe_cuda)
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    # CPU workers share the CPUs, one left free (the Train controller, other stages); a GPU fraction lets
-    # several one-worker runs (Tune trials) share a GPU.
-    use_gpu, resources = train_worker_resources(ray, num_workers, use_gpu, gpus_per_worker, cpus_per_worker, cpu_reserve=1.0)
-    if use_gpu and probe_cuda:
-        report = check_gpu_workers_see_cuda(ray, resources, "Ray Train worker")
-        if share is not None:
-            check_memory(share, torch.device("cuda"), f"pool = {cfg.pool}: a worker's share", free=report["free_bytes"])
     log.info("ray train: %s on %d %s worker(s) %s, storage %s", cfg.name, num_workers, "GPU" if use_gpu else "CPU", resources, storage)
     t0 = time.perf_counter()
     # Ray Train's FailureConfig would restart a worker group after any error, a deterministic one (a bad
@@ -378,8 +386,12 @@ def distill_on_ray_tracked(
     cfg = with_absolute_paths(cfg)
     _check_inputs(cfg)  # before any MLflow run exists
     folder = resolve_storage(ray_options.get("storage_path")) / cfg.name
-    if finished_history(cfg, folder / OUTPUTS) is None:
-        check_run(cfg, folder.parent, ray_options.get("num_workers", 2))  # a bad input leaves no failed MLflow run behind
+    if finished_history(cfg, folder / OUTPUTS) is None:  # refusals leave no failed MLflow run behind: checked first
+        share = check_run(cfg, folder.parent, ray_options.get("num_workers", 2))
+        o = ray_options
+        place_workers(cfg, share, o.get("num_workers", 2), o.get("use_gpu"), o.get("gpus_per_worker"), o.get("cpus_per_worker"),
+                      o.get("address"), o.get("probe_cuda", True))
+        ray_options = {**ray_options, "probe_cuda": False}  # probed just now
     uri = resolve_uri(tracking_uri)
     mlflow_client = client(uri)
     key = {"kdci.ray_run": str(folder)}

@@ -37,7 +37,7 @@ def _override_list(overrides: dict[str, Any]) -> list[str]:
 
 def check_space(cfg: DistillConfig, space: dict[str, Any], available: int | None = None) -> None:
     """Every candidate value (or both ends of a range) must make a valid config: errors name the key.
-    `available`: the images a trial's first dictionary build has (every kdci.n is checked against it)."""
+    `available`: the images a trial's first dictionary build has (every candidate's kdci.n is checked against it)."""
     if not space:
         raise ValueError("the search space is empty: give at least one key, e.g. kdci.n=[8,16]")
     base = cfg.model_dump(mode="json")
@@ -58,7 +58,7 @@ def check_space(cfg: DistillConfig, space: dict[str, Any], available: int | None
             raise ValueError(f"search space {key}: give a non-empty list of values or a range, got {spec!r}")
         for value in values:
             trial = validate_config(DistillConfig, apply_overrides(copy.deepcopy(base), _override_list({key: value})), f"search space {key}={value!r}")
-            if available is not None and key == "kdci.n":
+            if available is not None:  # kdci.n, or kdci.enabled turning KDCI on, against the data
                 try:
                     check_dictionary_size(trial, available)
                 except ValueError as exc:
@@ -235,7 +235,7 @@ def sweep(
     if CELL in space:
         raise ValueError(f"search space {CELL}: reserved for the base config of a table's trials; name a config key")
     for c in configs.values():  # everything a trial would refuse in its first seconds, refused before Ray starts
-        check_space(c, space, preflight(c, workers_per_trial, check_n="kdci.n" not in space))
+        check_space(c, space, preflight(c, workers_per_trial, check_n=False))
     cfg = next(iter(configs.values()))
     storage = resolve_storage(storage_path)
     name = name or f"{cfg.name}-sweep"
