@@ -247,6 +247,10 @@ class DistillConfig(RunConfig):
     """One distillation run (outputs in <output.dir>/<name>/): teacher -> student on substitution data, with or without KDCI."""
 
     resume: bool = Field(True, description="continue from <output.dir>/<name>/checkpoint.pt when it exists")
+    checkpoint_every: Annotated[int, Strict(), Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="write the checkpoint every N epochs (always after the last one and on SIGTERM); auto: as often "
+        "as keeps writing them at <= 1 % of the training time (measured while running)",
+    )
     data: DataConfig = Field(description="the teacher's original dataset: its labelled test split scores the student")
     teacher: TeacherConfig
     student: ModelConfig

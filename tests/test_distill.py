@@ -310,3 +310,53 @@ def test_ddp_without_buffer_broadcasts_trains_the_same_student(digits_teacher, n
     for name, value in students["today"].items():
         assert torch.equal(value, students["new"][name]), name
     assert any("running_mean" in name for name in students["new"])  # the student has BatchNorm statistics to broadcast
+
+
+class _SigtermAfter:
+    """A run logger that sends this process SIGTERM while epoch `epoch` is being logged (as a scheduler
+    preempting the job would, mid-run)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def log_metrics(self, metrics, step):
+        if step == self.epoch:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def log_artifact(self, path):
+        pass
+
+
+def test_checkpoints_every_n_epochs_and_on_sigterm_resume_exactly(digits_teacher, noisy_digits, tmp_path):
+    """checkpoint_every=3 writes after epochs 3 and 6 (the last) only; a SIGTERM in epoch 4 writes epoch 4's
+    checkpoint and stops with 143; running the same config again continues there and ends as the
+    uninterrupted run."""
+    overrides = {"optim.epochs": 6, "kdci.n": 4, "checkpoint_every": 3}
+    full = distill(config(digits_teacher, tmp_path, "full", **overrides), SubstitutionSet(noisy_digits[:600], seed=0))
+    assert full.checkpoints.writes == 2
+    cfg = config(digits_teacher, tmp_path, "cut", **overrides)
+    with pytest.raises(SystemExit) as stopped:
+        distill(cfg, SubstitutionSet(noisy_digits[:600], seed=0), logger=_SigtermAfter(4))
+    assert stopped.value.code == 143
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch"] == 4
+    resumed = distill(cfg, SubstitutionSet(noisy_digits[:600], seed=0))
+    assert resumed.resumed_from == 4 and _comparable(resumed.history) == _comparable(full.history)
+
+
+def test_auto_checkpoints_keep_writing_at_one_percent_of_training_time():
+    from kdci_ray.engine.checkpoint import CheckpointPolicy
+
+    auto = CheckpointPolicy("auto")
+    assert auto.due(1, forced=False)  # nothing measured yet: write, and time it
+    auto.wrote(0.2)
+    auto.trained_for(20.0)
+    assert not auto.due(2, forced=False) and auto.due(2, forced=True)  # 0.2 s would be 1 % of 20 s: more than its 0.5 %
+    auto.trained_for(20.0)
+    assert auto.due(3, forced=False)  # 0.5 % of 40 s
+    auto.wrote(0.2)
+    assert not auto.due(4, forced=False) and auto.writes == 2 and auto.write_seconds == pytest.approx(0.4)
+    every = CheckpointPolicy(3)
+    assert [e for e in range(1, 10) if every.due(e, forced=False)] == [3, 6, 9]

@@ -4,6 +4,7 @@ the registry, so a new method is tested by registering it and adding its tiny se
 import faiss  # noqa: F401  (before torch)
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -239,8 +240,9 @@ def _per_layer_bn_loss(layers, inputs, ema=None, momentum=0.0):
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_the_vectorised_bn_loss_is_the_per_layer_loss(momentum):
-    """All layers in one padded block: the same value and the same pixel gradient as the per-layer loop, on
-    layers of different widths (and with Fast's moving averages), across calls and a state round trip."""
+    """BN layers fused with their statistics, all layers' loss in one padded block: the same output, loss
+    value and pixel gradient as BatchNorm with a per-layer loss, on layers of different widths (and with
+    Fast's moving averages), across calls and a state round trip."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                 torch.nn.Conv2d(4, 7, 3, padding=1), torch.nn.BatchNorm2d(7), torch.nn.ReLU()).eval()
@@ -254,12 +256,15 @@ def test_the_vectorised_bn_loss_is_the_per_layer_loss(momentum):
     for call in range(3):
         x = torch.randn(6, 3, 5, 5, requires_grad=True)
         seen.clear()
-        with stats:
-            model(x)
-            loss = stats.loss()
-        reference = _per_layer_bn_loss(layers, seen, ema if momentum else None, momentum)
+        with stats:  # the BN layers run fused with their statistics in here
+            out = model(x)
+            loss = stats.loss() + out.square().mean()
+        seen.clear()
+        plain = model(x)  # outside: BatchNorm as usual, the reference
+        reference = _per_layer_bn_loss(layers, seen, ema if momentum else None, momentum) + plain.square().mean()
+        assert torch.allclose(out, plain, atol=1e-5)
         assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
-        (grad,) = torch.autograd.grad(loss, x, retain_graph=True)  # the reference shares the model's forward
+        (grad,) = torch.autograd.grad(loss, x)
         (expected,) = torch.autograd.grad(reference, x)
         assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-6)
         stats.update_ema()
@@ -367,3 +372,40 @@ def test_fast_reset_and_reptile_paths(teacher, normalize):
     reptile.step()
     assert all(not torch.equal(a, b) for a, b in zip(before, reptile.generator.parameters()))
     assert all(torch.isfinite(p).all() for p in reptile.generator.parameters())
+
+
+@pytest.mark.parametrize("method", ["deepinv", "fast", "cmi"])
+def test_pool_logits_are_the_teachers_on_the_pool_images(method, teacher, normalize):
+    """The logits stored with the pool rows are what a teacher pass over the pool's images gives: the
+    dictionary build reads them instead of running the teacher again."""
+    from kdci_ray.kdci import teacher_blocks
+
+    synth = make(method, teacher, fresh_student(), normalize)
+    synth.step()
+    synth.step()
+    stored = torch.cat(list(synth.dictionary_logits(batch_size=16)))
+    computed = [logits for _, logits in teacher_blocks(teacher, synth.dictionary_images(batch_size=16), normalize)]
+    assert stored.shape == (len(synth), 10)
+    assert torch.allclose(stored, torch.from_numpy(np.concatenate(computed)), atol=1e-4)
+
+
+def test_bn_statistics_of_the_first_rows_of_a_forward():
+    """CMI's two views in one teacher forward: the statistics (and their gradient) are the first view's."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1), torch.nn.BatchNorm2d(5), torch.nn.ReLU()).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    first, second = torch.randn(4, 3, 6, 6, requires_grad=True), torch.randn(4, 3, 6, 6, requires_grad=True)
+    seen: list[torch.Tensor] = []
+    tap = model[1].register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    stats = BNStatistics(model, rows=4)
+    with stats:
+        out = model(torch.cat([first, second]))
+        loss = stats.loss() + out.square().mean()
+    seen.clear()
+    plain = model(torch.cat([first, second]))
+    reference = _per_layer_bn_loss([model[1]], [seen[0][:4]]) + plain.square().mean()
+    tap.remove()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    got, expected = torch.autograd.grad(loss, [first, second]), torch.autograd.grad(reference, [first, second])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(got, expected))

@@ -2,7 +2,9 @@
 
 Single process, CPU or GPU; the same function runs inside a Ray Train worker. Per epoch:
 `source.begin_epoch` (synthesis, for methods that synthesize), dictionary (re)build when due, KD steps,
-evaluation of the raw and the compensated student, an atomic checkpoint carrying the config.
+evaluation of the raw and the compensated student (one forward), and when due an atomic checkpoint
+carrying the config (`checkpoint.py`: every `checkpoint_every` epochs, or as often as keeps writing at
+<= 1 % of the training time; always after the last epoch and on SIGTERM, which then stops the run).
 
 Outputs under `<output.dir>/<name>/`: checkpoint.pt (student, intervention, optimizer, scheduler,
 dictionary, source state, history, config), and at the end student.safetensors + card,
@@ -23,25 +25,21 @@ resumption then (`distill(..., managed=True)`).
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
-import pickle
-import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
 
-import numpy as np
 import torch
 
 from ..config import DistillConfig, dump_config
 from ..data import DeviceBatches, Normalize, SubstitutionSet, dataset_info, epoch_generator, load_dataset, random_crop_flip
 from ..kdci import (
     CausalIntervention,
-    CompensatedStudent,
     ConfounderDictionary,
     Distiller,
     attention_entropy,
@@ -53,27 +51,21 @@ from ..kdci import (
 from ..losses import KLDivergenceKD
 from ..models import ModelCard, create_model, load_classifier, save_classifier
 from . import parallel
+from .checkpoint import (
+    CHECKPOINT_FORMAT, RANK_PART, RESUME_FREE, CheckpointPolicy, check_resume, config_diff, load_checkpoint, load_rank_part, rng_state,
+    save_atomic, set_rng_state, stop_on_sigterm,
+)
 from .evaluate import check_labeled, evaluate
 from .runtime import Runtime, resolve_runtime, seed_everything
 from .teacher import lr_lambda, make_optimizer
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
-# Config fields a resumption may change: where things are and how they are computed, not what is
-# trained (device and precision can still change the numerics, the way any hardware change does).
-_RESUME_FREE = {
-    "device", "precision", "channels_last", "resume", "eval_every", "output", "data.root", "data.download",
-    "synthesis.export_pool", "synthesis.precision", "synthesis.init_pool",  # a resumed run's pool comes from its checkpoint
-    "teacher.weights",  # where the teacher is; what it is is checked by its content hash (teacher_id)
-    "kdci.dictionary",  # a resumed run's dictionary comes from its checkpoint
-}
 # What the loop writes into a run directory (removed by output.overwrite=true, and nothing else).
 _RUN_FILES = (
     "checkpoint.pt", "checkpoint.pt.tmp", "student.safetensors", "student.json", "dictionary.safetensors", "metrics.json",
     "config.yaml", "pool.parquet", "pool.parquet.tmp", "metrics.json.tmp",
 )
-_RANK_PART = "checkpoint-rank{}.pt"  # a data-parallel rank's own part of a checkpoint (its source and RNG)
 
 
 class SubstitutionSource(Protocol):
@@ -129,23 +121,11 @@ class DistillResult:
     student_weights: Path | None = None
     dictionary_path: Path | None = None
     resumed_from: int = 0  # epoch the run continued from (0: started fresh)
+    checkpoints: CheckpointPolicy | None = None  # which epochs wrote one, and what writing cost
 
     @property
     def final(self) -> dict:
         return self.history[-1] if self.history else {}
-
-
-def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        if f"{prefix}{key}" in _RESUME_FREE:
-            continue
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _config_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: checkpoint has {a!r}, config has {b!r}")
-    return diffs
 
 
 def config_identity(cfg: DistillConfig) -> str:
@@ -154,7 +134,7 @@ def config_identity(cfg: DistillConfig) -> str:
     import hashlib
 
     def strip(raw: dict, prefix: str = "") -> dict:
-        return {k: strip(v, f"{prefix}{k}.") if isinstance(v, dict) else v for k, v in sorted(raw.items()) if f"{prefix}{k}" not in _RESUME_FREE}
+        return {k: strip(v, f"{prefix}{k}.") if isinstance(v, dict) else v for k, v in sorted(raw.items()) if f"{prefix}{k}" not in RESUME_FREE}
 
     return hashlib.sha256(json.dumps(strip(cfg.model_dump(mode="json")), default=str).encode()).hexdigest()[:16]
 
@@ -282,8 +262,13 @@ class _Run:
     def build_dictionary(self, epoch: int) -> None:
         k = self.cfg.kdci
         t0 = time.perf_counter()
-        # Teacher outputs are small (N x C, or N x feature_dim), so one pass is kept and read twice.
-        blocks = list(teacher_blocks(self.teacher, self.source.dictionary_images(), self.prepare_input, k.feature, self.runtime.autocast))
+        # Teacher outputs are small (N x C, or N x feature_dim), so one pass is kept and read twice. A pool that
+        # stored the teacher's logits with its images gives them without running the teacher again.
+        stored = self.source.dictionary_logits() if k.feature == "logits" and hasattr(self.source, "dictionary_logits") else None
+        if stored is not None:
+            blocks = [(None, block.float().cpu().numpy()) for block in stored]
+        else:
+            blocks = list(teacher_blocks(self.teacher, self.source.dictionary_images(), self.prepare_input, k.feature, self.runtime.autocast))
         # Data parallel: the dictionary covers every rank's substitution data; rank 0 builds it (k-means is
         # cheap next to a training epoch) and the others receive it, so all ranks intervene identically.
         every_rank = parallel.gather_to_primary(blocks)
@@ -353,11 +338,12 @@ class _Run:
         return row
 
     def evaluate(self) -> dict[str, float]:
-        raw = evaluate(self.student, self.test_batches, self.normalize, self.runtime)
-        row = {"test_top1": raw["top1"], "test_top5": raw["top5"]}
+        # The compensated logits s' come from the same student forward as the raw ones.
+        heads = None if self.intervention is None else {"compensated": lambda s: self.intervention(s).logits}
+        scores = evaluate(self.student, self.test_batches, self.normalize, self.runtime, heads)
+        row = {"test_top1": scores["top1"], "test_top5": scores["top5"]}
         if self.intervention is not None:
-            comp = evaluate(CompensatedStudent(self.student, self.intervention), self.test_batches, self.normalize, self.runtime)
-            row.update(test_top1_compensated=comp["top1"], test_top5_compensated=comp["top5"])
+            row.update(test_top1_compensated=scores["compensated_top1"], test_top5_compensated=scores["compensated_top5"])
         return row
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -389,6 +375,21 @@ class _Run:
             "world_size": self.world,
         }, part
 
+    def write_checkpoint(self, epoch: int, history: list[dict], path: Path) -> list[Path]:
+        """Write this rank's checkpoint files of `epoch` (rank 0: `path`; with several ranks each its own part
+        beside it); returns them. Timed into the run's checkpoint policy."""
+        t0 = time.perf_counter()
+        checkpoint, part = self.checkpoint_state(epoch, history)
+        written = []
+        if checkpoint is not None:
+            save_atomic(checkpoint, path)
+            written.append(path)
+        if part is not None:
+            written.append(path.with_name(RANK_PART.format(self.rank)))
+            save_atomic(part, written[-1])
+        self.checkpoints.wrote(time.perf_counter() - t0)
+        return written
+
     def restore(self, state: dict, part: dict | None = None) -> None:
         """Continue from `state` (and, with several ranks, this rank's `part` of it)."""
         check_resume(state, self.cfg, self.teacher_id, self.world)
@@ -406,104 +407,6 @@ class _Run:
         if state["scaler"] and self.scaler.is_enabled():  # empty when the run was not fp16
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(mine["rng"])  # last: nothing after it may draw random numbers before training
-
-
-def rng_state() -> dict:
-    """Global RNG states in types `torch.load(weights_only=True)` accepts (tensors, lists, ints)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
-        "python": list(random.getstate()),
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
-def save_atomic(obj, path: Path) -> None:
-    """Write-then-rename: a crash or a full disk mid-write leaves the previous checkpoint intact, and no
-    partial file behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:  # through Python's file: a write error keeps its errno (torch's own writer drops it)
-            torch.save(obj, f)
-    except (OSError, RuntimeError) as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"no space left on the device writing {path}: the previous checkpoint is kept; "
-                                        "free some space and run the same command again to resume") from None
-        raise
-    tmp.replace(path)
-
-
-_CHECKPOINT_FIX = "use another run name, set output.overwrite=true to start over, or delete it"
-
-
-def load_checkpoint(path: Path, cfg: DistillConfig) -> dict:
-    """Read a checkpoint (weights_only: no code runs) and check it belongs to this config."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path} cannot be read as a checkpoint (truncated, not a checkpoint, or holding pickled code: "
-                         f"{reason}); {_CHECKPOINT_FIX}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a kdci_ray distillation checkpoint (format {CHECKPOINT_FORMAT}); {_CHECKPOINT_FIX}")
-    diffs = _config_diff(state["config"], cfg.model_dump(mode="json"))
-    if diffs:
-        raise ValueError(
-            f"{path} was written by a different config ({'; '.join(diffs)}); "
-            "use another name, set output.overwrite=true to start over, or resume=false"
-        )
-    return state
-
-
-def load_rank_part(checkpoint: Path, rank: int, world: int, epoch: int) -> dict:
-    """Rank `rank`'s part of a data-parallel checkpoint (next to `checkpoint`), checked to be of the same
-    epoch and rank count."""
-    path = checkpoint.with_name(_RANK_PART.format(rank))
-    if not path.is_file():
-        raise ValueError(f"{path} is missing: {checkpoint} was not written by {world} data-parallel workers (rank {rank} "
-                         f"has no part of it); resume with the worker count that wrote it, or {_CHECKPOINT_FIX}")
-    try:
-        part = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise ValueError(f"{path} cannot be read as a checkpoint part ({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__}); "
-                         f"{_CHECKPOINT_FIX}") from None
-    if not isinstance(part, dict) or part.get("format") != CHECKPOINT_FORMAT or part.get("rank") != rank:
-        raise ValueError(f"{path} is not rank {rank}'s part of a kdci_ray checkpoint; {_CHECKPOINT_FIX}")
-    if part.get("world_size") != world:
-        raise ValueError(f"{path} was written by {part.get('world_size')} data-parallel worker(s), this run has {world}: "
-                         f"resume with {part.get('world_size')}, or use another name")
-    if part.get("epoch") != epoch:
-        raise ValueError(f"{path} is of epoch {part.get('epoch')}, {checkpoint} of epoch {epoch}: the checkpoint is incomplete; "
-                         f"{_CHECKPOINT_FIX}")
-    return part
-
-
-def check_resume(state: dict, cfg: DistillConfig, teacher_id: str, world: int) -> None:
-    """A checkpoint (already matched to the config by `load_checkpoint`) this run can continue: the same
-    teacher weights and the same number of data-parallel ranks."""
-    if state["teacher_id"] != teacher_id:
-        raise ValueError(
-            f"the teacher weights at {cfg.teacher.weights} changed since this run's checkpoint "
-            f"(content hash {state['teacher_id']} -> {teacher_id}); use another name or set output.overwrite=true"
-        )
-    saved_world = state.get("world_size", 1)
-    if saved_world != world:
-        raise ValueError(
-            f"this checkpoint was written by {saved_world} data-parallel worker(s), this run has {world}: "
-            f"resume with {saved_world} (each worker continues its own substitution data), or use another name"
-        )
 
 
 def check_dictionary_size(cfg: DistillConfig, available: int) -> None:
@@ -611,43 +514,51 @@ def distill(
         getattr(source, "name", type(source).__name__), len(source) if hasattr(source, "__len__") else -1,
         cfg.optim.epochs, run.steps_per_epoch, runtime.describe(), f", rank {run.rank} of {world}" if world > 1 else "",
     )
-    for epoch in range(start, cfg.optim.epochs + 1):
-        source.begin_epoch(epoch, run.distiller)
-        if run.dictionary_due(epoch):
-            run.build_dictionary(epoch)
-        row = {"epoch": epoch, **run.train_epoch(epoch)}
-        if primary and (epoch % cfg.eval_every == 0 or epoch == cfg.optim.epochs):
-            row.update(run.evaluate())
-        history.append(row)
-        checkpoint, part = run.checkpoint_state(epoch, history)
-        written = []
-        if primary:
-            logger.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-            save_atomic(checkpoint, ckpt_path)
-            written.append(ckpt_path)
-        if part is not None:  # every rank writes its own part
-            written.append(run_dir / _RANK_PART.format(run.rank))
-            save_atomic(part, written[-1])
-        if hasattr(logger, "on_checkpoint"):  # optional: loggers written before the hook existed still work
-            logger.on_checkpoint(epoch, row, written)
-        result.epoch = epoch
-        log.info(
-            "epoch %d/%d loss %.4f%s%s%s  %.0f img/s", epoch, cfg.optim.epochs, row["train_loss"],
-            f" synthesis loss {row['synth_loss']:.4f}" if "synth_loss" in row else "",
-            f" test {row['test_top1']:.2f}%" if "test_top1" in row else "",
-            f" (compensated {row['test_top1_compensated']:.2f}%)" if "test_top1_compensated" in row else "",
-            row["images_per_s"],
-        )
-        if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < cfg.optim.epochs:
-            log.info("distill %s: stopping after epoch %d as asked; run again to resume", cfg.name, epoch)
-            return result
+    policy = run.checkpoints = result.checkpoints = CheckpointPolicy(cfg.checkpoint_every)
+    with stop_on_sigterm(world == 1) as sigterm:
+        for epoch in range(start, cfg.optim.epochs + 1):
+            t0 = time.perf_counter()
+            source.begin_epoch(epoch, run.distiller)
+            if run.dictionary_due(epoch):
+                run.build_dictionary(epoch)
+            row = {"epoch": epoch, **run.train_epoch(epoch)}
+            if primary and (epoch % cfg.eval_every == 0 or epoch == cfg.optim.epochs):
+                row.update(run.evaluate())
+            history.append(row)
+            policy.trained_for(time.perf_counter() - t0)
+            if primary:
+                logger.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            stop = (stop_after_epoch is not None and epoch >= stop_after_epoch) or sigterm.is_set()
+            due = policy.due(epoch, forced=stop or epoch == cfg.optim.epochs)
+            if world > 1 and cfg.checkpoint_every == "auto":  # rank 0's timing decides for every rank
+                due = parallel.broadcast_object(due)
+            written = run.write_checkpoint(epoch, history, ckpt_path) if due else []
+            if hasattr(logger, "on_checkpoint"):  # optional: loggers written before the hook existed still work
+                logger.on_checkpoint(epoch, row, written)
+            result.epoch = epoch
+            log.info(
+                "epoch %d/%d loss %.4f%s%s%s  %.0f img/s%s", epoch, cfg.optim.epochs, row["train_loss"],
+                f" synthesis loss {row['synth_loss']:.4f}" if "synth_loss" in row else "",
+                f" test {row['test_top1']:.2f}%" if "test_top1" in row else "",
+                f" (compensated {row['test_top1_compensated']:.2f}%)" if "test_top1_compensated" in row else "",
+                row["images_per_s"], f", checkpoint {policy.last_write:.2f} s" if due and policy.last_write is not None else "",
+            )
+            if sigterm.is_set() and epoch < cfg.optim.epochs:
+                if not due:  # the signal came while this epoch was being wrapped up
+                    run.write_checkpoint(epoch, history, ckpt_path)
+                log.warning("distill %s: SIGTERM: stopped after epoch %d, its checkpoint written; run the same command to resume",
+                            cfg.name, epoch)
+                raise SystemExit(128 + signal.SIGTERM)
+            if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < cfg.optim.epochs:
+                log.info("distill %s: stopping after epoch %d as asked; run again to resume", cfg.name, epoch)
+                return result
     return _finished(run, result)
 
 
 def _clear_run_files(run_dir: Path) -> None:
     for name in _RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
-    for part in run_dir.glob(_RANK_PART.format("*") + "*"):  # data-parallel ranks' parts (and their .tmp)
+    for part in run_dir.glob(RANK_PART.format("*") + "*"):  # data-parallel ranks' parts (and their .tmp)
         part.unlink(missing_ok=True)
 
 
@@ -700,7 +611,7 @@ def finished_history(cfg: DistillConfig, run_dir: Path) -> list[dict] | None:
         return None
     if not history or history[-1].get("epoch") != cfg.optim.epochs:
         return None
-    if _config_diff(saved.model_dump(mode="json"), cfg.model_dump(mode="json")):
+    if config_diff(saved.model_dump(mode="json"), cfg.model_dump(mode="json")):
         return None
     finished_at = metrics.stat().st_mtime
     inputs = [Path(p) for p in (cfg.pool, cfg.kdci.dictionary) if p is not None]

@@ -10,13 +10,15 @@ from .runtime import Runtime, resolve_runtime
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, normalize: Normalize, runtime: Runtime) -> dict[str, float]:
-    """Accuracy in percent over `batches` of (uint8 images, labels); returns {'top1', 'top5', 'n'}."""
+def evaluate(model: nn.Module, batches, normalize: Normalize, runtime: Runtime, heads: dict | None = None) -> dict[str, float]:
+    """Accuracy in percent over `batches` of (uint8 images, labels); returns {'top1', 'top5', 'n'}.
+    `heads`: {name: fn(logits) -> logits} scored from the same forward (e.g. KDCI's compensated logits),
+    reported as '<name>_top1' / '<name>_top5': one model pass for all of them."""
     was_training = model.training
     model.eval()
     device = runtime.device
-    correct1 = torch.zeros((), dtype=torch.int64, device=device)
-    correct5 = torch.zeros((), dtype=torch.int64, device=device)
+    names = ["", *(heads or {})]
+    correct = torch.zeros(len(names), 2, dtype=torch.int64, device=device)  # (head, top1/top5)
     n = 0
     for images, labels in batches:
         x = normalize(images)
@@ -24,16 +26,22 @@ def evaluate(model: nn.Module, batches, normalize: Normalize, runtime: Runtime) 
             x = x.contiguous(memory_format=torch.channels_last)
         with runtime.autocast():
             logits = model(x)
-        k = min(5, logits.shape[1])
-        topk = logits.float().topk(k, dim=1).indices
-        hits = topk == labels[:, None]
-        correct1 += hits[:, 0].sum()
-        correct5 += hits.any(dim=1).sum()
+            outputs = [logits, *(fn(logits) for fn in (heads or {}).values())]
+        for i, out in enumerate(outputs):
+            topk = out.float().topk(min(5, out.shape[1]), dim=1).indices
+            hits = topk == labels[:, None]
+            correct[i, 0] += hits[:, 0].sum()
+            correct[i, 1] += hits.any(dim=1).sum()
         n += labels.shape[0]
     model.train(was_training)
     if n == 0:
         raise ValueError("evaluate: the dataset is empty")
-    return {"top1": 100.0 * correct1.item() / n, "top5": 100.0 * correct5.item() / n, "n": n}
+    counts = correct.tolist()  # the one host sync
+    result = {"n": n}
+    for name, (top1, top5) in zip(names, counts):
+        prefix = f"{name}_" if name else ""
+        result.update({f"{prefix}top1": 100.0 * top1 / n, f"{prefix}top5": 100.0 * top5 / n})
+    return result
 
 
 def check_labeled(dataset: ImageDataset) -> None:

@@ -48,6 +48,11 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", channels_last
     if precision not in _DTYPES:
         raise ValueError(f"precision must be one of auto, {', '.join(_DTYPES)}; got {precision!r}")
     cl = dev.type == "cuda" if channels_last == "auto" else channels_last == "on"
+    if dev.type == "cuda":
+        # Static shapes all run long: let cuDNN pick the fastest convolution algorithms once, and run fp32
+        # matmuls (the KDCI attention, fp32 layers under autocast) on tensor cores as TF32.
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
     return Runtime(dev, _DTYPES[precision], cl)
 
 

@@ -33,11 +33,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: torch.nn.Module, optim, device: torch.device) -> torch.optim.Optimizer:
+    """SGD or AdamW over `model`'s parameter groups, fused (one kernel per step for every parameter, where
+    the per-tensor loop launches three or more per parameter) on CUDA and the CPU."""
     groups = param_groups(model, optim.weight_decay)
-    fused = device.type == "cuda"
     if optim.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov and optim.momentum > 0, fused=fused)
-    return torch.optim.AdamW(groups, lr=optim.lr, fused=fused)
+        make, options = torch.optim.SGD, {"lr": optim.lr, "momentum": optim.momentum, "nesterov": optim.nesterov and optim.momentum > 0}
+    else:
+        make, options = torch.optim.AdamW, {"lr": optim.lr}
+    if torch.device(device).type in ("cuda", "cpu"):
+        try:
+            return make(groups, fused=True, **options)
+        except (RuntimeError, TypeError):  # a torch without the fused kernel for this device
+            groups = param_groups(model, optim.weight_decay)
+    return make(groups, **options)
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):

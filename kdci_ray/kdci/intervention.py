@@ -75,6 +75,7 @@ class CausalIntervention(nn.Module):
                 p.requires_grad_(False)
         self.register_buffer("prototypes", torch.zeros(0, num_classes), persistent=False)
         self.register_buffer("priors", torch.zeros(0), persistent=False)
+        self.register_buffer("weighted_prototypes", torch.zeros(0, num_classes), persistent=False)  # P(z) z
 
     def extra_repr(self) -> str:
         flags = [f"attention={self.attention_kind}", f"alpha={self.alpha}"]
@@ -103,6 +104,8 @@ class CausalIntervention(nn.Module):
         device = self.query.weight.device
         self.prototypes = prototypes.to(device)
         self.priors = priors.to(device)
+        # P(z) folded into the prototypes once per dictionary, not multiplied into every batch's weights.
+        self.weighted_prototypes = (self.priors[:, None] * self.prototypes) if self.use_prior else self.prototypes
 
     def attention(self, logits: torch.Tensor) -> torch.Tensor:
         n = self.prototypes.shape[0]
@@ -122,6 +125,5 @@ class CausalIntervention(nn.Module):
         with torch.autocast(logits.device.type, enabled=False):
             s = logits.float()
             lam = self.attention(s)
-            weights = lam * self.priors if self.use_prior else lam  # (B, N)
-            compensation = weights @ self.prototypes  # (B, C)
-            return InterventionOutput(s + self.alpha * compensation, lam, compensation)
+            compensation = lam @ self.weighted_prototypes  # (B, C): sum_z lambda_z P(z) z
+            return InterventionOutput(torch.add(s, compensation, alpha=self.alpha), lam, compensation)

@@ -174,6 +174,13 @@ class Synthesizer:
         """The substitution data the KDCI dictionary is built from: the whole current pool."""
         return self.pool.batches(batch_size)
 
+    def dictionary_logits(self, batch_size: int = 1024) -> Iterator[torch.Tensor] | None:
+        """The teacher's logits on `dictionary_images()`, stored with the pool rows when they were added:
+        a logits dictionary is built from them without running the teacher over the pool again. None where
+        a method's dictionary images are not its pool (they are then computed)."""
+        _, logits, _ = self.pool.filled()
+        return iter(logits.split(batch_size))
+
     def min_dictionary_images(self) -> int:
         """Images available at the first dictionary build (checked against kdci.n before any work)."""
         initial = self._init_pool_rows() if self.cfg.init_pool is not None else 0
@@ -295,6 +302,16 @@ class Synthesizer:
         """Export the pool (uint8 images + teacher logits + call) with the method's config as metadata."""
         meta = {"method": self.method, "seed": self.seed, "calls": self.calls, "config": self.cfg.model_dump(mode="json")}
         return self.pool.to_parquet(path, {**meta, **(metadata or {})})
+
+
+def adam(params, device: torch.device, **options) -> torch.optim.Adam:
+    """Adam as every synthesizer uses it: the fused kernel (one launch per step for all parameters, where
+    the per-tensor loop launches about ten per parameter) wherever torch has it for the device."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, fused=True, **options) if torch.device(device).type in ("cuda", "cpu") else torch.optim.Adam(params, **options)
+    except (RuntimeError, TypeError):  # a torch without a fused Adam for this device
+        return torch.optim.Adam(params, **options)
 
 
 def new_generator(nz: int, ngf: int, image_shape: tuple[int, int, int], device) -> nn.Module:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import Betas, Int, SynthesisConfig
 from .augment import random_crop_flip, random_resized_crop
-from .base import BestIterate, CallRandom, Synthesizer, new_generator, synthesis_mode
+from .base import BestIterate, CallRandom, Synthesizer, adam, new_generator, synthesis_mode
 from .hooks import BNStatistics, InputMeans, statistics_layers
 from .losses import contrastive_loss, masked_adversarial_kl, onehot_loss
 from .registry import register_method
@@ -78,13 +78,13 @@ class CMI(Synthesizer):
     def setup(self) -> None:
         c = self.cfg
         self.generator = new_generator(c.nz, c.ngf, self.image_shape, self.device)
-        self.bn_stats = BNStatistics(self.teacher)
+        self.bn_stats = BNStatistics(self.teacher, rows=c.batch_size)  # of the global view (the first rows of a forward)
         self.feature_hooks = InputMeans(feature_modules(self.teacher, c.feature_layers))
         with torch.no_grad(), synthesis_mode(self.teacher), self.feature_hooks:
             self.teacher(torch.zeros(2, *self.image_shape, device=self.device))
             dim = self.feature_hooks.features().shape[1]
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, c.head_dim)).to(self.device)
-        self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=c.lr_g)
+        self.head_optimizer = adam(self.head.parameters(), self.device, lr=c.lr_g)
         self.bank = torch.zeros(0, 2 * dim, device=self.device)  # rows [local features | global features]
         self.bank_next = self.bank_filled = 0
 
@@ -124,21 +124,21 @@ class CMI(Synthesizer):
         self.generator.train()
         z = torch.randn(c.batch_size, c.nz, device=self.device, generator=rng.device).requires_grad_(True)
         targets = torch.randint(0, self.num_classes, (c.batch_size,), device=self.device, generator=rng.device).sort().values
-        optimizer = torch.optim.Adam([*self.generator.parameters(), z], lr=c.lr_g, betas=c.betas)
+        optimizer = adam([*self.generator.parameters(), z], self.device, lr=c.lr_g, betas=c.betas)
         dim = self.bank.shape[1] // 2
         best = BestIterate()
+        b = c.batch_size
         for _ in range(c.g_steps):
             x = self.generator(z)
             global_view = self.teacher_input(random_crop_flip(x, c.crop_padding, True, rng.device))
+            views = global_view
+            if c.cr > 0:  # both views in one teacher forward (eval mode: each sample's output is its own)
+                views = torch.cat([global_view, self.teacher_input(random_resized_crop(x, c.local_scale, generator=rng.device))])
             with self.bn_stats, self.feature_hooks, self.autocast():
-                t = self.teacher(global_view)
+                t = self.teacher(views)[:b]  # the BN loss comes from the global view only (bn_stats.rows)
             terms = {"bn": self.bn_stats.loss(), "oh": onehot_loss(t, targets)}
-            global_features = self.feature_hooks.features()
-            if c.cr > 0:
-                local_view = self.teacher_input(random_resized_crop(x, c.local_scale, generator=rng.device))
-                with self.feature_hooks, self.autocast():
-                    self.teacher(local_view)  # the BN loss comes from the global view only
-                local_features = self.feature_hooks.features()
+            features = self.feature_hooks.features()
+            global_features, local_features = features[:b], features[b:]
             if c.adv > 0:
                 with self.autocast():
                     s = self.student(global_view)

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from ..config import Betas, Int, SynthesisConfig
-from .base import CallRandom, Synthesizer, new_generator
+from .base import CallRandom, Synthesizer, adam, new_generator
 from .hooks import BNStatistics
 from .losses import activation_loss, adversarial_kl, class_balance_loss, onehot_loss
 from .registry import register_method
@@ -47,7 +47,7 @@ class DAFL(Synthesizer):
     def setup(self) -> None:
         c = self.cfg
         self.generator = new_generator(c.nz, c.ngf, self.image_shape, self.device)
-        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=c.lr_g, betas=c.betas)
+        self.optimizer = adam(self.generator.parameters(), self.device, lr=c.lr_g, betas=c.betas)
         self.bn_stats = BNStatistics(self.teacher) if c.bn > 0 else None
 
     def synthesize(self, rng: CallRandom) -> None:
@@ -78,6 +78,9 @@ class DAFL(Synthesizer):
         # The generator stays in train mode (batch BN statistics), as in the Fast-Datafree code.
         z = torch.randn(batch_size, self.cfg.nz, device=self.device, generator=generator)
         return self.generator(z)
+
+    def dictionary_logits(self, batch_size: int = 1024) -> None:
+        return None  # its dictionary images are not (only) its pool: the teacher computes their logits
 
     def dictionary_images(self, batch_size: int = 1024) -> Iterator[torch.Tensor]:
         generator = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self.calls)

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from ..config import Betas, Int, SynthesisConfig
 from .augment import jitter_and_flip
-from .base import BestIterate, CallRandom, Synthesizer
+from .base import BestIterate, CallRandom, Synthesizer, adam
 from .hooks import BNStatistics
 from .losses import adversarial_js, onehot_loss, total_variation
 from .registry import register_method
@@ -54,7 +54,7 @@ class DeepInversion(Synthesizer):
         c = self.cfg
         x = torch.randn((c.batch_size, *self.image_shape), device=self.device, generator=rng.device).requires_grad_(True)
         targets = torch.randint(0, self.num_classes, (c.batch_size,), device=self.device, generator=rng.device).sort().values
-        optimizer = torch.optim.Adam([x], lr=c.lr_g, betas=c.betas)
+        optimizer = adam([x], self.device, lr=c.lr_g, betas=c.betas)
         jitter = c.jitter if c.jitter is not None else self.image_shape[-1] // 8
         best = BestIterate()
         for _ in range(c.g_steps):

@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 
 from ..config import Int, SynthesisConfig, WildDataConfig
 from ..data import epoch_generator
-from .base import Synthesizer
+from .base import Synthesizer, adam
 from .losses import noise_adapted_nll
 from .pool import ImagePool
 from .registry import register_method
@@ -106,7 +106,7 @@ class DFND(Synthesizer):
         if self.pool.capacity != self.n_select or self.pool.device != self.device:
             self.pool = ImagePool(self.n_select, self.image_shape, self.num_classes, self.device)
         self.adaptation = NoiseAdaptation(self.num_classes, c.transition_diagonal).to(self.device)
-        self.adaptation_optimizer = torch.optim.Adam(self.adaptation.parameters(), lr=c.lr_transition)
+        self.adaptation_optimizer = adam(self.adaptation.parameters(), self.device, lr=c.lr_transition)
         self.selection: Selection | None = None
 
     # -- selection ----------------------------------------------------------------------------------

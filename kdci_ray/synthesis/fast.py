@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import Betas, Int, SynthesisConfig
 from .augment import random_crop_flip
-from .base import BestIterate, CallRandom, Synthesizer, new_generator
+from .base import BestIterate, CallRandom, Synthesizer, adam, new_generator
 from .hooks import BNStatistics
 from .losses import masked_adversarial_kl, onehot_loss
 from .registry import register_method
@@ -58,7 +58,7 @@ class Fast(Synthesizer):
         c = self.cfg
         self.generator = new_generator(c.nz, c.ngf, self.image_shape, self.device)
         self.adapted = copy.deepcopy(self.generator)  # reused every call: no model allocation in the loop
-        self.meta_optimizer = torch.optim.Adam(self.generator.parameters(), lr=c.meta_lr or c.lr_g * c.g_steps, betas=c.betas)
+        self.meta_optimizer = adam(self.generator.parameters(), self.device, lr=c.meta_lr or c.lr_g * c.g_steps, betas=c.betas)
         self.bn_stats = BNStatistics(self.teacher, momentum=c.bn_momentum)
 
     def _reset_first_layers(self, generator: torch.Generator) -> None:
@@ -75,9 +75,7 @@ class Fast(Synthesizer):
         self.adapted.train()
         z = torch.randn(c.batch_size, c.nz, device=self.device, generator=rng.device).requires_grad_(True)
         targets = torch.randint(0, self.num_classes, (c.batch_size,), device=self.device, generator=rng.device)
-        inner = torch.optim.Adam(
-            [{"params": self.adapted.parameters(), "lr": c.lr_g}, {"params": [z], "lr": c.lr_z}], betas=c.betas
-        )
+        inner = adam([{"params": self.adapted.parameters(), "lr": c.lr_g}, {"params": [z], "lr": c.lr_z}], self.device, betas=c.betas)
         adversarial = c.adv > 0 and self.calls >= c.adv_after_calls
         meta_params, fast_params = list(self.generator.parameters()), list(self.adapted.parameters())
         self.meta_optimizer.zero_grad(set_to_none=False)

@@ -7,8 +7,7 @@ the loss is the sum over layers. Fast's `bn_mmt` variant compares against an exp
 average blend of the current and past batches' statistics instead.
 
 CMI reads per-sample spatial means of some modules' inputs as its contrastive feature (`InputMeans`).
-Hooks are attached only inside a synthesis call (context managers), so KD teacher forwards pay nothing
-for them.
+Both act only inside a `with` block (a synthesis call): KD teacher forwards pay nothing for them.
 """
 
 from __future__ import annotations
@@ -35,19 +34,72 @@ class _Hooks:
         raise NotImplementedError
 
 
+class _NormalizeWithStatistics(torch.autograd.Function):
+    """An eval-mode BatchNorm2d (y = a x + c per channel) that also returns its input's batch (mean, biased
+    var), both with one hand-written backward: d/dx = a g_y + g_mean' + g_var' (x - mean), where the loss has
+    already scaled g_mean' = g_mean / n and g_var' = 2 g_var / n for all layers at once (`_ScaledGradient`).
+    Per layer and step that is 2 kernels forward and 3 backward, where BatchNorm plus a statistics hook
+    through autograd launch about 10."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, rows: int):
+        xf = x.float()  # statistics and output in fp32, as BatchNorm under autocast
+        var, mean = torch.var_mean(xf[:rows], dim=(0, 2, 3), unbiased=False)  # rows: the batch the statistics are of
+        ctx.save_for_backward(xf, mean, scale)
+        ctx.dtype, ctx.rows = x.dtype, rows
+        return torch.addcmul(shift, xf, scale), mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_var):
+        xf, mean, scale = ctx.saved_tensors
+        shape, rows = (1, -1, 1, 1), ctx.rows
+        if rows < xf.shape[0]:  # statistics of the first rows only: their gradient goes there
+            grad = grad_y * scale
+            head = grad[:rows]
+            if grad_mean is not None:
+                head.add_(grad_mean.view(shape))
+            if grad_var is not None:
+                head.addcmul_(xf[:rows] - mean.view(shape), grad_var.view(shape))
+            return grad.to(ctx.dtype), None, None, None
+        grad = grad_y * scale if grad_mean is None else torch.addcmul(grad_mean.view(shape), grad_y, scale)
+        if grad_var is not None:
+            grad = torch.addcmul(grad, xf - mean.view(shape), grad_var.view(shape))
+        return grad.to(ctx.dtype), None, None, None
+
+
+class _ScaledGradient(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by `scale` (one kernel for every layer's
+    statistics: the 1/n and 2/n of `_NormalizeWithStatistics`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scale)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None
+
+
 def statistics_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
     """The BN layers whose statistics can be matched: 2-d, with running statistics."""
     return [m for m in bn_layers(model) if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
 
 
-class BNStatistics(_Hooks):
-    """The BN-statistics loss of a teacher's BN layers. Per layer the hook records the input's batch
-    (mean, var) in one op; the loss then treats all layers at once (their statistics concatenated, scattered
-    into one zero-padded (2, layers, widest) block, one norm per row): a handful of kernels for any depth,
-    where a per-layer loop launches about 25 per layer (forward and backward). Same value."""
+class BNStatistics:
+    """The BN-statistics loss of a teacher's BN layers, inside a `with` block (a synthesis call). There each
+    eval-mode BN layer runs as `_NormalizeWithStatistics`: its usual output plus its input's batch (mean,
+    var), recorded per layer; the loss then treats all layers at once (statistics concatenated, scattered
+    into one zero-padded (2, layers, widest) block, one norm per row). Same value and gradient as BatchNorm
+    with a statistics hook and a per-layer loss, in a handful of kernels per layer instead of about 35.
+    Outside the block the layers are untouched."""
 
-    def __init__(self, model: nn.Module, momentum: float = 0.0):
-        self.layers = self.modules = statistics_layers(model)
+    def __init__(self, model: nn.Module, momentum: float = 0.0, rows: int | None = None):
+        """`rows`: the statistics are of the first `rows` samples of a forward (the rest of the batch, e.g.
+        CMI's second view in the same forward, passes through the layers without counting)."""
+        self.rows = rows
+        self.layers = statistics_layers(model)
         if not self.layers:
             raise ValueError(
                 f"{type(model).__name__} has no BatchNorm2d layers with running statistics: BN-statistics losses need "
@@ -56,18 +108,52 @@ class BNStatistics(_Hooks):
         self.momentum = momentum
         self.sizes = [layer.num_features for layer in self.layers]
         self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
+        self.counts: list[int] = [0] * len(self.layers)  # elements per channel (N x H x W) of the last forward
         self.ema: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, var), all layers concatenated
         self._targets: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._handles: list = []
+        self._affine: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._scales: dict[tuple[int, ...], torch.Tensor] = {}
 
     def __enter__(self):
-        # The running statistics (what the batch statistics are matched to), as one (2, channels) block, and
-        # the position of each channel in the padded (layers x widest) layout: built once (the teacher is
-        # frozen), again only if it moved to another device.
+        # What the frozen teacher's layers hold, read once (again only if it moved to another device): the
+        # running statistics as one (2, channels) block with each channel's place in the padded layout, and
+        # each layer's eval-mode BatchNorm as y = a x + c.
         device = self.layers[0].running_mean.device
         if self._targets is None or self._targets[0].device != device:
             self._targets = self._running_targets()
-        return super().__enter__()
+            self._affine = [self._eval_affine(layer) for layer in self.layers]
+        for index, layer in enumerate(self.layers):
+            layer.forward = self._forward(index, layer)  # an instance attribute: Module.__call__ (and its hooks) run it
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)
+
+    @staticmethod
+    @torch.no_grad()
+    def _eval_affine(layer: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = torch.rsqrt(layer.running_var.float() + layer.eps)
+        shift = -layer.running_mean.float() * scale
+        if layer.affine:
+            scale, shift = scale * layer.weight.float(), shift * layer.weight.float() + layer.bias.float()
+        return scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
+
+    def _forward(self, index: int, layer: nn.BatchNorm2d):
+        original = type(layer).forward
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            rows = x.shape[0] if self.rows is None else min(self.rows, x.shape[0])
+            if layer.training:  # BN normalising with batch statistics: its own forward, statistics beside it
+                var, mean = torch.var_mean(x[:rows].float(), dim=(0, 2, 3), unbiased=False)
+                self.stats[index], self.counts[index] = (mean, var), 0  # 0: autograd's own gradient, not to be scaled
+                return original(layer, x)
+            scale, shift = self._affine[index]
+            y, mean, var = _NormalizeWithStatistics.apply(x, scale, shift, rows)
+            self.stats[index], self.counts[index] = (mean, var), rows * x[0, 0].numel()
+            return y
+
+        return forward
 
     def _running_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         layers, widest = len(self.layers), max(self.sizes)
@@ -79,12 +165,14 @@ class BNStatistics(_Hooks):
             cols = torch.cat([torch.arange(n, device=device) for n in self.sizes])
         return running, rows * widest + cols
 
-    def _hook(self, index: int):
-        def record(module, inputs, output):
-            var, mean = torch.var_mean(inputs[0].float(), dim=(0, 2, 3), unbiased=False)  # fp32 even under autocast
-            self.stats[index] = (mean, var)
-
-        return record
+    def _gradient_scale(self, device) -> torch.Tensor:
+        """(2, channels): 1/n for the means, 2/n for the variances (n per layer); cached per batch geometry."""
+        key = tuple(self.counts)
+        if key not in self._scales:
+            means = [1.0 / n if n else 1.0 for n, size in zip(self.counts, self.sizes) for _ in range(size)]
+            variances = [2.0 / n if n else 1.0 for n, size in zip(self.counts, self.sizes) for _ in range(size)]
+            self._scales[key] = torch.tensor([means, variances], device=device)
+        return self._scales[key]
 
     def _batch_statistics(self) -> torch.Tensor:
         if any(stat is None for stat in self.stats):
@@ -97,11 +185,12 @@ class BNStatistics(_Hooks):
             raise RuntimeError("BN-statistics loss read outside the hook context")
         running, position = self._targets
         batch = self._batch_statistics()
+        scaled = _ScaledGradient.apply(batch, self._gradient_scale(batch.device))
         m = self.momentum
         if m > 0 and self.ema is not None:
-            batch = (1 - m) * batch + m * torch.stack(self.ema)
+            scaled = (1 - m) * scaled + m * torch.stack(self.ema)
         padded = batch.new_zeros(2, len(self.layers) * max(self.sizes))
-        padded[:, position] = running - batch  # zeros elsewhere: each row's norm is its layer's
+        padded[:, position] = running - scaled  # zeros elsewhere: each row's norm is its layer's
         return torch.linalg.vector_norm(padded.view(2, len(self.layers), -1), dim=2).sum()
 
     @torch.no_grad()

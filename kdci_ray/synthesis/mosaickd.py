@@ -28,7 +28,7 @@ import torch
 from pydantic import Field
 
 from ..config import Betas, Int, SynthesisConfig, WildDataConfig
-from .base import CallRandom, Synthesizer
+from .base import CallRandom, Synthesizer, adam
 from .losses import adversarial_kl, class_balance_loss, patch_gan_loss, prediction_entropy
 from .registry import register_method
 from .wild import WildImages
@@ -72,8 +72,8 @@ class MosaicKD(Synthesizer):
         self.wild.to(self.device)  # held on the device when it fits: every D and KD step draws from it
         self.generator = create_model("generator", nz=c.nz, ngf=c.ngf, img_size=size, nc=channels, start_mult=4).to(self.device)
         self.discriminator = create_model("patch_discriminator", nc=channels, ndf=c.ndf).to(self.device)
-        self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=c.lr_g, betas=c.betas)
-        self.optimizer_d = torch.optim.Adam(self.discriminator.parameters(), lr=c.lr_d, betas=c.betas)
+        self.optimizer_g = adam(self.generator.parameters(), self.device, lr=c.lr_g, betas=c.betas)
+        self.optimizer_d = adam(self.discriminator.parameters(), self.device, lr=c.lr_d, betas=c.betas)
         if c.lr_schedule == "cosine":
             if self.total_epochs is None:
                 raise ValueError(
@@ -134,6 +134,9 @@ class MosaicKD(Synthesizer):
         z = torch.randn(n_synthetic, self.cfg.nz, device=self.device, generator=generator)
         ood = self.wild.sample(batch_size - n_synthetic, generator).float() / 255
         return torch.cat([self.generator(z).float(), ood])
+
+    def dictionary_logits(self, batch_size: int = 1024) -> None:
+        return None  # its dictionary images are not (only) its pool: the teacher computes their logits
 
     def dictionary_images(self, batch_size: int = 1024) -> Iterator[torch.Tensor]:
         yield from self.wild.images_only(batch_size)
