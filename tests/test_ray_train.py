@@ -65,6 +65,17 @@ def test_ddp_distillation_trains_checkpoints_and_does_not_restart_a_finished_run
     assert again.resumed_from == 4 and again.history == history and again.seconds == 0
     assert ray_checkpoints(result.storage) == kept
     assert (result.run_dir / "metrics.json").read_text() == metrics_before
+
+    # Resuming this checkpoint with another worker count is refused on the driver, before Ray, naming the fix;
+    # a checkpoint folder missing a rank's part is refused by that rank, naming the file.
+    from kdci_ray.engine.checkpoint import load_rank_part
+    from kdci_ray.engine.distill import preflight
+
+    with pytest.raises(ValueError, match=r"written by 2 data-parallel worker\(s\), this run has 1: resume with 2"):
+        preflight(cfg, 1, kept[-1] / "checkpoint.pt")
+    (kept[-1] / "checkpoint-rank1.pt").rename(tmp_path / "part1.pt")
+    with pytest.raises(ValueError, match=r"checkpoint-rank1.pt is missing"):
+        load_rank_part(kept[-1] / "checkpoint.pt", 1, 2, 4)
     import shutil
 
     shutil.rmtree(kept[-1])
@@ -309,3 +320,24 @@ def test_a_deterministic_worker_error_is_not_retried(ray_cluster, digits_teacher
     attempts = read_attempts(tmp_path / "diverges" / "outputs")
     assert [a["status"] for a in attempts] == ["started"], attempts
     assert time.time() - t0 < 60
+
+
+def test_a_pool_share_beyond_the_devices_memory_is_refused(digits_teacher, tmp_path):
+    """A worker's share of a fixed pool is held on its device: more than 80 % of its free memory is refused
+    with the numbers and the fix (on CPU the node's available memory; a GPU's free memory as the probe saw it)."""
+    from kdci_ray.distributed.train import check_memory, pool_share
+
+    with pytest.raises(ValueError, match=r"needs 8192.00 GiB on cpu but the node has .* GiB available: use more workers"):
+        check_memory(8 * 2**40, torch.device("cpu"), "pool = big")
+    with pytest.raises(ValueError, match=r"needs 1.00 GiB on cuda but a GPU has 1.0 GiB free"):
+        check_memory(2**30, torch.device("cuda"), "pool = big", free=2**30)
+    check_memory(2**20, torch.device("cuda"), "pool = small", free=2**30)
+    # A real share: rows [rank x n, (rank + 1) x n) of the files, held as uint8 on the device.
+    pool = digits_pool(tmp_path / "pool", digits_teacher, 300, files=3)
+    cfg = fast_config(digits_teacher, "share", f"pool={pool}")
+    shares = [pool_share(cfg, rank, 2, torch.device("cpu")) for rank in (0, 1)]
+    from kdci_ray.synthesis import read_pool_parquet
+
+    whole = read_pool_parquet(pool).images
+    assert [len(s) for s in shares] == [150, 150] and shares[0].images.dtype == torch.uint8
+    assert torch.equal(torch.cat([s.images for s in shares]), whole)
