@@ -234,12 +234,12 @@ def sweep(
             raise ValueError("search = optuna needs the optuna package: pip install -e \".[optuna]\" (or use --search random)") from None
     if CELL in space:
         raise ValueError(f"search space {CELL}: reserved for the base config of a table's trials; name a config key")
+    uri = resolve_uri(tracking_uri)  # an unreachable store: said in seconds, before models load
     for c in configs.values():  # everything a trial would refuse in its first seconds, refused before Ray starts
         check_space(c, space, preflight(c, workers_per_trial, check_n=False))
     cfg = next(iter(configs.values()))
     storage = resolve_storage(storage_path)
     name = name or f"{cfg.name}-sweep"
-    uri = resolve_uri(tracking_uri)
     ray = ensure_ray(address)
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
