@@ -108,10 +108,17 @@ def test_distill_and_tune_jobs_refuse_bad_input_before_ray_starts(digits_teacher
     assert not storage.exists() and not (tmp_path / "mlflow.db").exists()  # no run folder, no MLflow store
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: every socket stays bound until all are chosen, so the kernel cannot hand the
+    same port out twice (one at a time, it did: the dashboard and its agent were once given one port)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.fixture
@@ -120,13 +127,13 @@ def ray_head(tmp_path):
     its own process group, which is killed as a whole at the end: `ray stop` would end every Ray on the
     machine (the other xdist worker's, other people's)."""
     ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    port, dashboard = free_port(), free_port()
+    port, dashboard, *others = free_ports(6)
     env = {**ENV, "RAY_AUTH_MODE": "token"}
     log = tmp_path / "ray-head.log"
     with open(log, "w") as out:
         # Every port its own: the suite's local clusters (their dashboard agents too) may be running beside it.
-        ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-                                                          "runtime-env-agent-port")]
+        names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
+        ports = [f"--{name}={p}" for name, p in zip(names, others)]
         head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *ports, "--num-cpus=2",
                                  "--include-dashboard=true", "--disable-usage-stats"],
@@ -138,7 +145,10 @@ def ray_head(tmp_path):
             time.sleep(0.5)
         yield ray_cli, f"http://127.0.0.1:{dashboard}", env
     finally:  # what `ray stop --force` does, to this head's processes only
-        os.killpg(head.pid, signal.SIGKILL)
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the head failed to start and its group is gone already
+            pass
         head.wait(timeout=60)
         # `ray start` recorded this head as the machine's current cluster; `ray stop` would have removed that.
         current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
