@@ -35,7 +35,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from _report import results_path
-from kdci_ray.engine.distill import kd_step
+from kdci_ray.engine.step import kd_step
 from kdci_ray.engine.runtime import resolve_runtime
 from kdci_ray.kdci import CausalIntervention, Distiller, build_dictionary_from_arrays
 from kdci_ray.losses import KLDivergenceKD

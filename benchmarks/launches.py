@@ -67,7 +67,8 @@ def models(cfg: DistillConfig, runtime):
 
 def kd_step_counts(batch: int, kdci: bool) -> tuple[int, int]:
     """(eager ops, graph breaks) of one KD step as the loop runs it (bf16 autocast)."""
-    from kdci_ray.engine.distill import kd_step
+    from kdci_ray.data import draw_crop_flip
+    from kdci_ray.engine.step import KDStep, kd_step
     from kdci_ray.engine.runtime import resolve_runtime
     from kdci_ray.engine.teacher import make_optimizer
     from kdci_ray.kdci import CausalIntervention, Distiller
@@ -84,11 +85,17 @@ def kd_step_counts(batch: int, kdci: bool) -> tuple[int, int]:
         intervention.set_dictionary(torch.randn(k.n, info.num_classes), torch.full((k.n,), 1.0 / k.n))
     distiller = Distiller(student, teacher, KLDivergenceKD(cfg.kd.temperature), intervention).train()
     optimizer = make_optimizer(distiller, cfg.optim, runtime.device)
-    x = normalize(torch.rand(batch, info.channels, info.image_size, info.image_size))
+    pixels = (torch.rand(batch, info.channels, info.image_size, info.image_size) * 255).to(torch.uint8)
+    x = normalize(pixels)
     kd_step(distiller, optimizer, x, runtime)  # first step: optimizer state created
     with OpCounter() as counter:
         kd_step(distiller, optimizer, x, runtime)
-    explained = torch._dynamo.explain(kd_step)(distiller, optimizer, x, runtime)
+    # Graph breaks of the step as `compile: on` runs it: the whole step (crop/flip to the update) in one graph.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
+    step = KDStep(distiller, distiller, optimizer, scheduler, normalize, runtime, num_classes=info.num_classes, total_steps=10,
+                  padding=cfg.augment.crop_padding, hflip=cfg.augment.hflip, compiled=True)
+    step.start_epoch()
+    explained = torch._dynamo.explain(step._step)(pixels, *draw_crop_flip(batch, cfg.augment.crop_padding, cfg.augment.hflip, None, "cpu"))
     torch._dynamo.reset()
     return counter.ops, explained.graph_break_count
 

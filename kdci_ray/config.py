@@ -251,6 +251,10 @@ class DistillConfig(RunConfig):
         "auto", description="write the checkpoint every N epochs (always after the last one and on SIGTERM); auto: as often "
         "as keeps writing them at <= 1 % of the training time (measured while running)",
     )
+    compile: Switch = Field(
+        "auto", description="the KD step as one compiled graph (torch.compile fullgraph; CUDA graphs on CUDA). auto: on for "
+        "single-process CUDA runs, off on the CPU (compiling takes minutes there) and with fp16",
+    )
     data: DataConfig = Field(description="the teacher's original dataset: its labelled test split scores the student")
     teacher: TeacherConfig
     student: ModelConfig

@@ -13,7 +13,7 @@ from . import digits as _digits  # noqa: F401
 from . import tiny_imagenet as _tiny  # noqa: F401
 from . import wild as _wild  # noqa: F401
 from .base import DATASETS, ArrayImageDataset, DatasetError, DatasetInfo, FileImageDataset, ImageDataset, cache_root
-from .batches import DeviceBatches, Normalize, random_crop_flip
+from .batches import DeviceBatches, Normalize, apply_crop_flip, draw_crop_flip, random_crop_flip
 from .pool import UnlabeledPool, resize_uint8
 from .substitution import SubstitutionSet, epoch_generator
 
@@ -58,5 +58,7 @@ __all__ = [
     "load_dataset",
     "load_pool",
     "random_crop_flip",
+    "draw_crop_flip",
+    "apply_crop_flip",
     "resize_uint8",
 ]

@@ -33,17 +33,33 @@ def random_crop_flip(
     x: torch.Tensor, padding: int = 4, flip: bool = True, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Per-sample pad-and-random-crop (zero padding) and horizontal flip of an NCHW batch, batched."""
-    n, c, h, w = x.shape
+    return apply_crop_flip(x, padding, *draw_crop_flip(x.shape[0], padding, flip, generator, x.device))
+
+
+def draw_crop_flip(
+    n: int, padding: int, flip: bool, generator: torch.Generator | None, device: torch.device | str
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The random numbers of `random_crop_flip` for `n` images: (row offsets, column offsets, flip mask),
+    None where that part is off. Kept apart so that a compiled step can take them as device tensors
+    (a generator argument breaks a graph) while drawing exactly what the eager step draws."""
+    dy = dx = mask = None
     if padding > 0:
+        dy = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=generator)
+    if flip:
+        mask = torch.rand(n, device=device, generator=generator) < 0.5
+    return dy, dx, mask
+
+
+def apply_crop_flip(x: torch.Tensor, padding: int, dy: torch.Tensor | None, dx: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    n, c, h, w = x.shape
+    if dy is not None:
         padded = F.pad(x, (padding, padding, padding, padding))
-        dy = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
-        dx = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
         rows = (dy[:, None] + torch.arange(h, device=x.device)[None]).view(n, 1, h, 1).expand(n, c, h, w + 2 * padding)
         padded = padded.gather(2, rows)
         cols = (dx[:, None] + torch.arange(w, device=x.device)[None]).view(n, 1, 1, w).expand(n, c, h, w)
         x = padded.gather(3, cols)
-    if flip:
-        mask = torch.rand(n, device=x.device, generator=generator) < 0.5
+    if mask is not None:
         x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
     return x
 

@@ -33,6 +33,9 @@ class SubstitutionSet:
             raise ValueError(f"{name}: the substitution set is empty")
         self.images, self.seed, self.name = images, seed, name
         self._fingerprint = None
+        # Every batch full (a compiled step has one shape): a ragged last batch is topped up from the start of
+        # the epoch's order. Only sets smaller than two batches have one (larger ones drop it).
+        self.full_batches = False
 
     def __len__(self) -> int:
         return len(self.images)
@@ -62,6 +65,8 @@ class SubstitutionSet:
     def batches(self, epoch: int, batch_size: int) -> Iterator[torch.Tensor]:
         device = self.images.device
         order = torch.randperm(len(self), generator=epoch_generator(self.seed, epoch)).to(device)
+        if self.full_batches and len(order) % batch_size:
+            order = order.repeat(-(-batch_size // len(order)) + 1)  # wraps around, as often as a tiny set needs
         for step in range(self.steps_per_epoch(batch_size)):
             yield self.images.index_select(0, order[step * batch_size : (step + 1) * batch_size])
 

@@ -27,7 +27,7 @@ CHECKPOINT_FORMAT = 1
 # Config fields a resumption may change: where things are and how they are computed, not what is
 # trained (device and precision can still change the numerics, the way any hardware change does).
 RESUME_FREE = {
-    "device", "precision", "channels_last", "resume", "eval_every", "checkpoint_every", "output", "data.root", "data.download",
+    "device", "precision", "channels_last", "compile", "resume", "eval_every", "checkpoint_every", "output", "data.root", "data.download",
     "synthesis.export_pool", "synthesis.precision", "synthesis.init_pool",  # a resumed run's pool comes from its checkpoint
     "teacher.weights",  # where the teacher is; what it is is checked by its content hash (teacher_id)
     "kdci.dictionary",  # a resumed run's dictionary comes from its checkpoint

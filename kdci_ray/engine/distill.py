@@ -37,16 +37,14 @@ from typing import Iterator, Protocol
 import torch
 
 from ..config import DistillConfig, dump_config
-from ..data import DeviceBatches, Normalize, SubstitutionSet, dataset_info, epoch_generator, load_dataset, random_crop_flip
+from ..data import DeviceBatches, Normalize, SubstitutionSet, dataset_info, epoch_generator, load_dataset
 from ..kdci import (
     CausalIntervention,
     ConfounderDictionary,
     Distiller,
-    attention_entropy,
     build_dictionary,
     teacher_blocks,
     teacher_fingerprint,
-    total_loss,
 )
 from ..losses import KLDivergenceKD
 from ..models import ModelCard, create_model, load_classifier, save_classifier
@@ -57,6 +55,7 @@ from .checkpoint import (
 )
 from .evaluate import check_labeled, evaluate
 from .runtime import Runtime, resolve_runtime, seed_everything
+from .step import KDStep, kd_step, kd_teacher, resolve_compile  # noqa: F401  (kd_step: the eager step, importable from here too)
 from .teacher import lr_lambda, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -139,32 +138,6 @@ def config_identity(cfg: DistillConfig) -> str:
     return hashlib.sha256(json.dumps(strip(cfg.model_dump(mode="json")), default=str).encode()).hexdigest()[:16]
 
 
-def kd_step(distiller: Distiller, optimizer: torch.optim.Optimizer, x: torch.Tensor, runtime: Runtime, scaler=None, extra_optimizers=()):
-    """One KD optimisation step on a prepared batch; returns (DistillOutput, total loss). No host sync
-    (except fp16 loss scaling's inf check, which needs one). `extra_optimizers` step too (parameters a
-    method's loss trains next to the student; under data parallelism their gradients are averaged over
-    ranks here, as DDP does for the distiller's own). `distiller` may be DDP-wrapped."""
-    optimizers = [optimizer, *extra_optimizers]
-    with runtime.autocast():
-        out = distiller(x)
-        loss = total_loss(out.losses)
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    extra_params = [p for opt in extra_optimizers for group in opt.param_groups for p in group["params"]]
-    if scaler is not None and scaler.is_enabled():
-        scaler.scale(loss).backward()
-        parallel.average_gradients(extra_params)
-        for opt in optimizers:
-            scaler.step(opt)
-        scaler.update()
-    else:
-        loss.backward()
-        parallel.average_gradients(extra_params)
-        for opt in optimizers:
-            opt.step()
-    return out, loss
-
-
 @dataclass
 class Models:
     """The teacher (frozen, on the device), a fresh student and the teacher's input normalisation."""
@@ -221,7 +194,7 @@ class _Run:
         kd_loss = KLDivergenceKD(cfg.kd.temperature)
         if hasattr(source, "kd_loss"):  # a method's own student terms (DFND's noise adaptation) join the KD loss
             kd_loss = source.kd_loss(kd_loss)
-        self.distiller = Distiller(self.student, self.teacher, kd_loss, self.intervention)
+        self.distiller = Distiller(self.student, kd_teacher(self.teacher, runtime), kd_loss, self.intervention)
         # What training calls: the distiller, DDP-wrapped when ranks share the work (DDP broadcasts rank 0's
         # weights here, so every rank starts from the same student and intervention). Buffers (BatchNorm
         # statistics) are broadcast before every step only for a synthesizer: its adversarial terms read the
@@ -233,6 +206,10 @@ class _Run:
         self.optimizer = make_optimizer(self.distiller, cfg.optim, runtime.device)
         self.extra_optimizers = source.kd_optimizers() if hasattr(source, "kd_optimizers") else []
         self.scaler = runtime.grad_scaler()
+        self.compiled = resolve_compile(cfg.compile, runtime, self.world)
+        self.kd: KDStep | None = None  # made at the first epoch
+        if self.compiled and hasattr(source, "full_batches"):
+            source.full_batches = True  # one batch shape: a small set's ragged last batch wraps around instead
         self.steps_per_epoch = source.steps_per_epoch(cfg.optim.batch_size)
         if self.steps_per_epoch < 1:
             raise ValueError("the substitution source yields no batches: give it data or lower optim.batch_size")
@@ -297,31 +274,25 @@ class _Run:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, device = self.cfg, self.runtime.device
         self.distiller.train()
+        if self.kd is None:  # made after any restore: a compiled step holds the optimizers' state tensors
+            self.kd = KDStep(
+                self.distiller, self.train_module, self.optimizer, self.scheduler, self.normalize, self.runtime,
+                num_classes=self.num_classes, total_steps=self.steps_per_epoch * cfg.optim.epochs, padding=cfg.augment.crop_padding,
+                hflip=cfg.augment.hflip, compiled=self.compiled, extra_optimizers=self.extra_optimizers, scaler=self.scaler,
+            )
         aug = epoch_generator(parallel.rank_seed(cfg.seed) + 1, epoch, device)
-        sums: dict[str, torch.Tensor] = {}
-        entropy = torch.zeros((), device=device)
-        loss_sum = torch.zeros((), device=device)
-        steps = seen = 0
+        self.kd.start_epoch()
+        steps = 0
         t0 = time.perf_counter()
         for pixels in self.source.batches(epoch, cfg.optim.batch_size):
-            pixels = random_crop_flip(pixels, cfg.augment.crop_padding, cfg.augment.hflip, aug)
-            x = self.prepare_input(pixels)
-            out, loss = kd_step(self.train_module, self.optimizer, x, self.runtime, self.scaler, self.extra_optimizers)
-            self.scheduler.step()
-            # Sums stay on the device: one host sync per epoch, not per step.
-            for name, value in out.losses.items():
-                sums[name] = sums.get(name, 0) + value.detach().float()
-            loss_sum += loss.detach().float()
-            if out.attention is not None:
-                entropy += attention_entropy(out.attention.detach())
+            self.kd.step(pixels, aug)  # loss sums stay on the device: one host sync per epoch, not per step
             steps += 1
-            seen += x.shape[0]
         if steps == 0:
             raise RuntimeError(f"epoch {epoch}: the substitution source yielded no batches")
         # One vector, one collective: sums over all ranks (every rank takes the same steps with the same loss
         # names), divided on the host as the single-process run always did.
-        names = sorted(sums)
-        totals = torch.stack([loss_sum, entropy, *(sums[name] for name in names), torch.tensor(float(seen), device=device)])
+        names = self.kd.names
+        totals = torch.cat([self.kd.totals(), torch.tensor([float(self.kd.images)], device=device)])
         totals = parallel.all_reduce_sum(totals).tolist()  # syncs: time the epoch after it
         per_step = self.world * steps
         row = {f"train_{name}": value / per_step for name, value in zip(names, totals[2:-1])}

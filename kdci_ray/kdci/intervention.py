@@ -102,10 +102,15 @@ class CausalIntervention(nn.Module):
             noise = torch.randn(prototypes.shape, generator=gen)
             prototypes = noise * prototypes.std().clamp_min(1e-6) + prototypes.mean()
         device = self.query.weight.device
-        self.prototypes = prototypes.to(device)
-        self.priors = priors.to(device)
-        # P(z) folded into the prototypes once per dictionary, not multiplied into every batch's weights.
-        self.weighted_prototypes = (self.priors[:, None] * self.prototypes) if self.use_prior else self.prototypes
+        weighted = (priors[:, None] * prototypes) if self.use_prior else prototypes  # P(z) folded in once per dictionary
+        if self.prototypes.shape == prototypes.shape:
+            # A rebuild of the same size writes into the same buffers: a compiled (graph-captured) step reads
+            # them at fixed addresses and keeps its graph.
+            self.prototypes.copy_(prototypes)
+            self.priors.copy_(priors)
+            self.weighted_prototypes.copy_(weighted)
+        else:
+            self.prototypes, self.priors, self.weighted_prototypes = prototypes.to(device), priors.to(device), weighted.to(device)
 
     def attention(self, logits: torch.Tensor) -> torch.Tensor:
         n = self.prototypes.shape[0]
