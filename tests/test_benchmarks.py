@@ -25,6 +25,24 @@ def test_kdci_overhead_benchmark_runs_at_toy_size(tmp_path):
     assert result["command"].startswith("python benchmarks/kdci_overhead.py --teacher wrn16_1")
 
 
+@pytest.mark.slow(seconds=30)
+def test_gpu_speed_benchmark_runs_at_toy_size(tmp_path):
+    """The GPU check of issue 16 on the CPU: its KD-step timing, synthesis calls, projections and table (the
+    compiled step itself is tested in tests/test_step.py; compiling it again here would cost a minute)."""
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_speed.py"), "--toy", "--teachers", "none", "--pairs", "wrn40_2-wrn16_1",
+           "--modes", "eager", "--methods", "fast,deepinv", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert not result["errors"] and not result["skipped"], result
+    assert set(result["kd_step"]) == {"wrn40_2-wrn16_1/kdci_off/eager", "wrn40_2-wrn16_1/kdci_on/eager"}
+    assert all(r["ms"] > 0 for r in result["kd_step"].values())
+    assert set(result["synthesis"]) == {"fast", "deepinv"} and result["synthesis"]["deepinv"]["g_steps"] == 2
+    assert result["projected_minutes"]["fast"] > 0 and result["projected_minutes"]["deepinv2k"] > 0
+    assert "projected fast" in proc.stdout and proc.stdout.rstrip().splitlines()[-1].startswith("projected deepinv2k")
+
+
 def test_committed_overhead_results_are_well_formed():
     results = sorted((REPO / "benchmarks" / "results").glob("kdci_overhead-*.json"))
     assert results, "benchmarks/results/ has no kdci_overhead results"

@@ -94,7 +94,7 @@ class KDStep:
 
     def __init__(self, distiller: Distiller, train_module: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                  normalize: nn.Module, runtime: Runtime, *, num_classes: int, total_steps: int, padding: int, hflip: bool,
-                 compiled: bool = False, extra_optimizers=(), scaler=None):
+                 compiled: bool = False, extra_optimizers=(), scaler=None, mode: str | None = "auto"):
         self.distiller, self.train_module, self.normalize, self.runtime = distiller, train_module, normalize, runtime
         self.optimizers = [optimizer, *extra_optimizers]
         self.optimizer, self.extra_optimizers, self.scheduler, self.scaler = optimizer, list(extra_optimizers), scheduler, scaler
@@ -121,7 +121,8 @@ class KDStep:
                     torch._dynamo.mark_static_address(t)
             # Dynamo traces `backward()` into the graph only with this switch on (torch >= 2.9).
             torch._dynamo.config.trace_autograd_ops = True
-            mode = "reduce-overhead" if device.type == "cuda" else None
+            if mode == "auto":  # CUDA: replayed as a CUDA graph (launch-bound step); elsewhere plain inductor code
+                mode = "reduce-overhead" if device.type == "cuda" else None
             # One compiled step per run: drop an earlier run's graphs of this code (dynamo would keep them,
             # guarded by object identity, and stop at its recompile limit after a few runs in one process).
             torch._dynamo.eval_frame.remove_from_cache(KDStep._step)
