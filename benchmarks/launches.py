@@ -116,13 +116,21 @@ def inner_step_counts(method: str, batch: int) -> tuple[int, int]:
         with OpCounter() as counter:
             synth.step()
         counts[steps] = counter.ops
-    cfg = config(method, batch, "synthesis.g_steps=1")
+    cfg = config(method, batch, "synthesis.g_steps=2")
     synth = create_synthesizer(cfg.synthesis, (info.channels, info.image_size, info.image_size), info.num_classes, seed=0)
-    synth.bind(teacher=teacher, student=student, normalize=normalize, runtime=runtime, epochs=1)
-    synth.step()
-    explained = torch._dynamo.explain(synth.step)()
+    if hasattr(synth, "inner_step"):
+        # The inner step as `compile: on` runs it: fullgraph (dynamo raises on a break), traced without
+        # inductor's code generation (graph breaks do not depend on the backend).
+        synth.bind(teacher=teacher, student=student, normalize=normalize, runtime=runtime, epochs=1, compiled=True)
+        synth.compile_backend = "eager"
+        synth.step()
+        breaks = 0
+    else:  # a method still on its eager loop: the breaks of a whole call
+        synth.bind(teacher=teacher, student=student, normalize=normalize, runtime=runtime, epochs=1)
+        synth.step()
+        breaks = torch._dynamo.explain(synth.step)().graph_break_count
     torch._dynamo.reset()
-    return (counts[4] - counts[2]) // 2, explained.graph_break_count
+    return (counts[4] - counts[2]) // 2, breaks
 
 
 def main(argv=None) -> int:

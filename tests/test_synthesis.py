@@ -409,3 +409,50 @@ def test_bn_statistics_of_the_first_rows_of_a_forward():
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
     got, expected = torch.autograd.grad(loss, [first, second]), torch.autograd.grad(reference, [first, second])
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(got, expected))
+
+
+# Methods whose inner step compiles into one graph (issue 16); the others run their eager loop under compile.
+COMPILED = {"deepinv": 1, "fast": 2}  # graphs: Fast blends moving-average BN statistics from its second call on
+
+
+@pytest.mark.slow(seconds=40)
+@pytest.mark.parametrize("method", sorted(COMPILED))
+def test_compiled_inner_steps_match_the_eager_ones(method, teacher, normalize):
+    """fullgraph=True raises on a graph break: a call that runs has none. Two calls (the second reuses the
+    first's graph and buffers), three inner steps each: the same loss terms and images as the eager steps."""
+    from torch._dynamo.utils import counters
+
+    overrides = {"g_steps": 3}
+    runs = {}
+    for compiled in (False, True):
+        synth = create_synthesizer({"method": method, **TINY[method], **overrides}, SHAPE, 10, seed=0)
+        synth.bind(teacher, fresh_student(), normalize, compiled=compiled)
+        graphs = counters["stats"]["unique_graphs"]
+        traces = []
+        for _ in range(2):
+            synth.step()
+            traces.append((torch.stack(synth.loss_trace), synth.term_trace))
+        if compiled:
+            assert counters["stats"]["unique_graphs"] == graphs + COMPILED[method], "a graph per kind of call, not per step"
+        runs[compiled] = (traces, synth.pool.filled()[0])
+    (eager, eager_images), (compiled, compiled_images) = runs[False], runs[True]
+    for (a, a_terms), (b, b_terms) in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+        assert [set(t) for t in b_terms] == [set(t) for t in a_terms]
+        for x, y in zip(a_terms, b_terms):
+            for name in x:
+                torch.testing.assert_close(y[name], x[name], rtol=1e-3, atol=1e-5)
+    assert (compiled_images.int() - eager_images.int()).abs().max() <= 1  # uint8 rounding of equal images
+
+
+def test_tensor_jitter_is_torch_roll_and_flip():
+    from kdci_ray.synthesis.augment import draw_jitter_and_flip, jitter_and_flip
+
+    x = torch.randn(2, 3, 5, 7)
+    for dy, dx, flip in [(0, 0, False), (2, -3, False), (-1, 4, True)]:
+        expected = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+        expected = expected.flip(3) if flip else expected
+        assert torch.equal(jitter_and_flip(x, torch.tensor([dy, dx]), torch.tensor(flip)), expected)
+    shifts, flips = draw_jitter_and_flip(200, 2, True, torch.Generator().manual_seed(0), "cpu")
+    assert shifts.shape == (200, 2) and shifts.min() == -2 and shifts.max() == 2 and 0.3 < flips.float().mean() < 0.7
+    assert not draw_jitter_and_flip(10, 2, False, torch.Generator().manual_seed(0), "cpu")[1].any()

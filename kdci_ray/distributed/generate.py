@@ -32,6 +32,7 @@ from ..config import DistillConfig, validate_config
 from ..data import dataset_info
 from ..engine.distill import load_models
 from ..engine.runtime import resolve_runtime
+from ..engine.step import resolve_compile
 from ..kdci import teacher_blocks
 from ..synthesis import create_synthesizer, merge_selections, select_top_k
 from ..synthesis.pool import read_pool_parquet, write_pool_parquet
@@ -113,7 +114,8 @@ class SynthesisWorker(_Worker):
         for shard, seed, calls, folder in zip(batch["shard"], batch["seed"], batch["calls"], batch["folder"]):
             t0 = time.perf_counter()
             synth = create_synthesizer(self.cfg.synthesis, self.image_shape, m.num_classes, seed=int(seed))
-            synth.bind(teacher=m.teacher, student=m.student, normalize=m.normalize, runtime=self.runtime, epochs=1)
+            synth.bind(teacher=m.teacher, student=m.student, normalize=m.normalize, runtime=self.runtime, epochs=1,
+                       compiled=resolve_compile(self.cfg.compile, self.runtime, 1))
             synth.begin_epoch(1, None)  # warm-up calls and the first call
             for _ in range(int(calls) - 1):
                 synth.step()

@@ -189,8 +189,10 @@ class _Run:
             self.intervention = CausalIntervention(
                 self.num_classes, k.hidden, k.attention, k.alpha, k.uniform_attention, k.use_prior, k.random_prototypes, seed=cfg.seed
             ).to(runtime.device)
+        self.compiled = resolve_compile(cfg.compile, runtime, self.world)
         if hasattr(source, "bind"):  # a synthesizer: its adversarial terms read the raw student, never s'
-            source.bind(teacher=self.teacher, student=self.student, normalize=self.normalize, runtime=runtime, epochs=cfg.optim.epochs)
+            source.bind(teacher=self.teacher, student=self.student, normalize=self.normalize, runtime=runtime, epochs=cfg.optim.epochs,
+                        compiled=self.compiled)
         kd_loss = KLDivergenceKD(cfg.kd.temperature)
         if hasattr(source, "kd_loss"):  # a method's own student terms (DFND's noise adaptation) join the KD loss
             kd_loss = source.kd_loss(kd_loss)
@@ -206,7 +208,6 @@ class _Run:
         self.optimizer = make_optimizer(self.distiller, cfg.optim, runtime.device)
         self.extra_optimizers = source.kd_optimizers() if hasattr(source, "kd_optimizers") else []
         self.scaler = runtime.grad_scaler()
-        self.compiled = resolve_compile(cfg.compile, runtime, self.world)
         self.kd: KDStep | None = None  # made at the first epoch
         if self.compiled and hasattr(source, "full_batches"):
             source.full_batches = True  # one batch shape: a small set's ragged last batch wraps around instead

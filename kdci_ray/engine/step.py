@@ -119,8 +119,7 @@ class KDStep:
             if device.type == "cuda":  # captured graphs read these at fixed addresses
                 for t in [self.counter, self.sums, *self.lr_tables, *(s for opt in self.optimizers for st in opt.state.values() for s in st.values())]:
                     torch._dynamo.mark_static_address(t)
-            # Dynamo traces `backward()` into the graph only with this switch on (torch >= 2.9).
-            torch._dynamo.config.trace_autograd_ops = True
+            enable_backward_tracing()
             if mode == "auto":  # CUDA: replayed as a CUDA graph (launch-bound step); elsewhere plain inductor code
                 mode = "reduce-overhead" if device.type == "cuda" else None
             # One compiled step per run: drop an earlier run's graphs of this code (dynamo would keep them,
@@ -171,6 +170,15 @@ class KDStep:
                 update(plan, table.index_select(1, self.counter.clamp(max=table.shape[1] - 1).view(1)).squeeze(1))
             self.counter.add_(1)
             self.sums.add_(self._terms(out, loss))
+
+
+def enable_backward_tracing() -> None:
+    """Dynamo traces `loss.backward()` into a graph only with this switch on (torch >= 2.9); without it every
+    compiled step would break in two at the backward."""
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        raise RuntimeError(f"compile = on needs a torch whose dynamo traces backward() (2.9 or newer); this is {torch.__version__}: "
+                           "set compile off")
+    torch._dynamo.config.trace_autograd_ops = True
 
 
 def loss_names(distiller: Distiller, num_classes: int, device: torch.device) -> list[str]:
@@ -236,6 +244,11 @@ def update(opt: torch.optim.Optimizer | list[tuple], lrs: torch.Tensor) -> None:
     """One step of `opt` (or its `update_plan`) with group g's learning rate `lrs[g]` (a device scalar); torch's
     formulas for SGD (momentum, Nesterov, L2 weight decay), Adam and AdamW. Gradients are None afterwards."""
     plan = update_plan(opt) if isinstance(opt, torch.optim.Optimizer) else opt
+    with torch.no_grad():
+        _update(plan, lrs)
+
+
+def _update(plan: list[tuple], lrs: torch.Tensor) -> None:
     for g, (kind, hyper, tensors) in enumerate(plan):
         lr = lrs[g]
         if kind == "sgd":

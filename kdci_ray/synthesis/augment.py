@@ -11,19 +11,25 @@ import torch.nn.functional as F
 
 from ..data import random_crop_flip
 
-__all__ = ["jitter_and_flip", "random_crop_flip", "random_resized_crop"]
+__all__ = ["draw_jitter_and_flip", "jitter_and_flip", "random_crop_flip", "random_resized_crop"]
 
 
-def jitter_and_flip(x: torch.Tensor, jitter: int, flip: bool, cpu_generator: torch.Generator) -> torch.Tensor:
-    """DeepInversion: roll the whole batch by one random (dy, dx) in [-jitter, jitter], then flip the
-    whole batch with probability 1/2. The draws are per batch, so they come from a CPU generator: no
-    device sync per step."""
-    if jitter > 0:
-        dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=cpu_generator).tolist()
-        x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-    if flip and torch.rand((), generator=cpu_generator).item() < 0.5:
-        x = x.flip(3)
-    return x
+def draw_jitter_and_flip(steps: int, jitter: int, flip: bool, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepInversion's randomness for a whole call, drawn up front on the device: per step one (dy, dx) in
+    [-jitter, jitter] for the whole batch, and whether the batch is flipped (probability 1/2)."""
+    shifts = torch.randint(-jitter, jitter + 1, (steps, 2), device=device, generator=generator)
+    flips = torch.rand(steps, device=device, generator=generator) < 0.5
+    return shifts, flips & flip
+
+
+def jitter_and_flip(x: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Roll the whole batch by `shift` = (dy, dx) (as torch.roll) and flip it when `flip`: tensors, not Python
+    numbers, so one compiled graph serves every step."""
+    _, _, h, w = x.shape
+    rows = (torch.arange(h, device=x.device) - shift[0]).remainder(h)
+    cols = (torch.arange(w, device=x.device) - shift[1]).remainder(w)
+    cols = torch.where(flip, cols.flip(0), cols)  # the flip is a reversed column order: no second image pass
+    return x.index_select(2, rows).index_select(3, cols)
 
 
 def random_resized_crop(

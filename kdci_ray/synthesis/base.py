@@ -48,22 +48,33 @@ class CallRandom:
 
 class BestIterate:
     """Keeps the iterate with the lowest loss seen so far (the public code's `best_inputs` rule), on the
-    device and without a host sync: each update is a `torch.where` on a 0-d comparison."""
+    device and without a host sync: each update is a `torch.where` on a 0-d comparison. `reset()` reuses
+    the buffers of an earlier call (a compiled inner step keeps one graph: no first-step branch)."""
 
     def __init__(self):
         self.loss: torch.Tensor | None = None
         self.values: tuple[torch.Tensor, ...] = ()
 
+    def reset(self, *like: torch.Tensor) -> "BestIterate":
+        """Start over with buffers shaped like `like` (kept when they already are)."""
+        if self.loss is None or [v.shape for v in self.values] != [v.shape for v in like]:
+            self.loss = torch.zeros((), device=like[0].device)
+            self.values = tuple(torch.zeros_like(v, memory_format=torch.contiguous_format) for v in like)
+        self.loss.fill_(float("nan"))  # NaN: the first iterate is taken, whatever its loss
+        return self
+
     def update(self, loss: torch.Tensor, *values: torch.Tensor) -> None:
         loss = loss.detach().float()
         values = tuple(v.detach() for v in values)
         if self.loss is None:
-            self.loss, self.values = loss, tuple(v.clone() for v in values)
-            return
-        # A NaN loss is never "best"; a NaN first iterate is replaced by any finite one.
-        better = (loss < self.loss) | (self.loss.isnan() & ~loss.isnan())
-        self.values = tuple(torch.where(better, new, old) for new, old in zip(values, self.values))
-        self.loss = torch.where(better, loss, self.loss)
+            self.reset(*values)
+        with torch.no_grad():
+            # A NaN loss is never "best"; a NaN first iterate is replaced by any finite one.
+            better = (loss < self.loss) | self.loss.isnan()
+            better = better & ~(loss.isnan() & ~self.loss.isnan())
+            for new, old in zip(values, self.values):
+                torch.where(better, new, old, out=old)  # elementwise, in place: one kernel
+            torch.where(better, loss, self.loss, out=self.loss)
 
 
 @contextlib.contextmanager
@@ -101,6 +112,11 @@ class Synthesizer:
         self._call_sums: dict[str, torch.Tensor] = {}
         self._epoch_sums: dict[str, torch.Tensor] = {}
         self._epoch_counts: dict[str, int] = {}
+        # compile: each inner step one fullgraph graph (set by bind from the run's `compile`); what that needs
+        # from a method: state in buffers kept across calls, randomness drawn before the loop as tensors.
+        self.compiled = False
+        self.compile_backend = "inductor"  # benchmarks/launches.py counts graph breaks with "eager"
+        self._inner_steps: dict[str, object] = {}
 
     @property
     def name(self) -> str:
@@ -110,9 +126,11 @@ class Synthesizer:
         return len(self.pool)
 
     # -- binding to the teacher and the student ---------------------------------------------------
-    def bind(self, teacher: nn.Module, student: nn.Module, normalize: nn.Module, runtime=None, epochs: int | None = None) -> None:
+    def bind(self, teacher: nn.Module, student: nn.Module, normalize: nn.Module, runtime=None, epochs: int | None = None,
+             compiled: bool = False) -> None:
         """Called by the distillation loop once the models exist (`runtime`: its device/precision;
-        `epochs`: the run's length, for methods whose own schedules span the run)."""
+        `epochs`: the run's length, for methods whose own schedules span the run; `compiled`: inner steps
+        as compiled graphs)."""
         if student is None or student is teacher:
             raise ValueError(
                 f"{self.method}: the student passed to the synthesizer is the teacher; adversarial terms would be "
@@ -120,6 +138,7 @@ class Synthesizer:
             )
         self.teacher, self.student, self.normalize = teacher, student, normalize
         self.total_epochs = epochs
+        self.compiled = compiled
         if runtime is not None:
             self.device, self.channels_last = runtime.device, runtime.channels_last
         else:
@@ -220,6 +239,67 @@ class Synthesizer:
         self.term_trace.append({name: value.detach() for name, value in terms.items()})
         for name, value in {**terms, "loss": loss}.items():
             self._call_sums[name] = self._call_sums.get(name, 0) + value.detach()
+
+    def inner(self, fn):
+        """`fn`, a method's inner step, as this run runs it: itself, or compiled into one graph (fullgraph, static
+        shapes; on CUDA replayed as a CUDA graph). Compiled once per synthesizer and kept."""
+        if not self.compiled:
+            return fn
+        name = fn.__name__
+        if name not in self._inner_steps:
+            from ..engine.step import enable_backward_tracing
+
+            enable_backward_tracing()
+            torch._dynamo.eval_frame.remove_from_cache(fn)  # an earlier synthesizer's graphs of this code
+            mode = "reduce-overhead" if self.device.type == "cuda" and self.compile_backend == "inductor" else None
+            self._inner_steps[name] = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode, backend=self.compile_backend)
+        return self._inner_steps[name]
+
+    def fresh_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """A new call's optimizer over the kept buffers: its state zeroed in place (what a new Adam starts
+        from), created up front so a compiled step reads it at fixed addresses."""
+        from ..engine.step import create_state
+
+        create_state(optimizer)
+        for state in optimizer.state.values():
+            for value in state.values():
+                value.zero_()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    def stepper(self, *optimizers: torch.optim.Optimizer) -> list:
+        """What `optimizer_step` takes for `optimizers`, made before a call's loop (outside any graph): the
+        optimizers themselves, or for a compiled step their state tensors and learning rates as plain values
+        and device tensors (`engine.step.update_plan`). Made again each call: a resume replaces the state."""
+        if not self.compiled:
+            return list(optimizers)
+        from ..engine.step import create_state, update_plan
+
+        plans = []
+        for opt in optimizers:
+            create_state(opt)
+            plans.append((update_plan(opt), torch.tensor([group["lr"] for group in opt.param_groups], device=self.device)))
+        return plans
+
+    def optimizer_step(self, stepper: list) -> None:
+        """Step the optimizers of `stepper` and drop their gradients: torch's fused step eagerly, the same
+        formulas written out (`engine.step.update`, traceable) in a compiled inner step."""
+        from ..engine.step import update
+
+        for item in stepper:
+            if isinstance(item, torch.optim.Optimizer):
+                item.step()
+                item.zero_grad(set_to_none=True)
+            else:
+                update(*item)
+
+    def record_outputs(self, terms: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        """`record` for what an inner step returned: a compiled graph's outputs are copied first (a CUDA graph
+        replay overwrites them)."""
+        if self.compiled:
+            terms, loss = {name: value.clone() for name, value in terms.items()}, loss.clone()
+        self.record(terms, loss)
 
     @torch.no_grad()
     def add_to_pool(self, images01: torch.Tensor) -> None:

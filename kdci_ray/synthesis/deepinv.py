@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from ..config import Betas, Int, SynthesisConfig
-from .augment import jitter_and_flip
+from .augment import draw_jitter_and_flip, jitter_and_flip
 from .base import BestIterate, CallRandom, Synthesizer, adam
 from .hooks import BNStatistics
 from .losses import adversarial_js, onehot_loss, total_variation
@@ -45,38 +45,53 @@ class DeepInversion(Synthesizer):
     cfg: DeepInvConfig
 
     def setup(self) -> None:
+        c = self.cfg
         self.bn_stats = BNStatistics(self.teacher)
         mean, std = self.normalize.mean.to(self.device), self.normalize.std.to(self.device)
         # Valid pixel range in normalised space, per channel: what [0, 1] maps to.
         self.low, self.high = -mean / std, (1 - mean) / std
+        # Kept across calls (each call starts them afresh in place): one compiled graph reads them every step.
+        self.x = torch.zeros((c.batch_size, *self.image_shape), device=self.device, requires_grad=True)
+        self.targets = torch.zeros(c.batch_size, dtype=torch.long, device=self.device)
+        self.optimizer = adam([self.x], self.device, lr=c.lr_g, betas=c.betas)
+        self.best = BestIterate()
 
     def synthesize(self, rng: CallRandom) -> None:
         c = self.cfg
-        x = torch.randn((c.batch_size, *self.image_shape), device=self.device, generator=rng.device).requires_grad_(True)
-        targets = torch.randint(0, self.num_classes, (c.batch_size,), device=self.device, generator=rng.device).sort().values
-        optimizer = adam([x], self.device, lr=c.lr_g, betas=c.betas)
+        with torch.no_grad():
+            self.x.copy_(torch.randn(self.x.shape, device=self.device, generator=rng.device))
+            self.targets.copy_(torch.randint(0, self.num_classes, (c.batch_size,), device=self.device, generator=rng.device).sort().values)
+        self.fresh_state(self.optimizer)  # a new Adam per call, as the public code
+        self._steps = self.stepper(self.optimizer)
+        self.best.reset(self.x)
         jitter = c.jitter if c.jitter is not None else self.image_shape[-1] // 8
-        best = BestIterate()
-        for _ in range(c.g_steps):
-            inputs = self.to_input(jitter_and_flip(x, jitter, c.flip, rng.cpu))
-            with self.bn_stats, self.autocast():
-                t = self.teacher(inputs)
-            terms = {"bn": self.bn_stats.loss(), "oh": onehot_loss(t, targets)}
-            if c.adv > 0:
-                with self.autocast():
-                    s = self.student(inputs)
-                terms["adv"] = adversarial_js(s, t, c.adv_temperature)
-            if c.tv > 0:
-                terms["tv"] = total_variation(x)
-            if c.l2 > 0:
-                terms["l2"] = x.norm()
-            loss = self.weighted(terms)
-            best.update(loss, x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                x.copy_(torch.maximum(torch.minimum(x, self.high), self.low))
-            self.record(terms, loss)
-        (best_x,) = best.values
+        shifts, flips = draw_jitter_and_flip(c.g_steps, jitter, c.flip, rng.device, self.device)
+        step = self.inner(self.inner_step)
+        with self.bn_stats:  # the teacher's BN layers report their statistics for the whole call
+            for k in range(c.g_steps):
+                self.record_outputs(*step(shifts[k], flips[k]))
+        (best_x,) = self.best.values
         self.add_to_pool(best_x * self.normalize.std.to(self.device) + self.normalize.mean.to(self.device))
+
+    def inner_step(self, shift: torch.Tensor, flip: torch.Tensor):
+        """One pixel update: jitter/flip, teacher (+ student) forward, the weighted terms, backward, Adam, clamp."""
+        c, x = self.cfg, self.x
+        inputs = self.to_input(jitter_and_flip(x, shift, flip))
+        with self.autocast():
+            t = self.teacher(inputs)
+        terms = {"bn": self.bn_stats.loss(), "oh": onehot_loss(t, self.targets)}
+        if c.adv > 0:
+            with self.autocast():
+                s = self.student(inputs)
+            terms["adv"] = adversarial_js(s, t, c.adv_temperature)
+        if c.tv > 0:
+            terms["tv"] = total_variation(x)
+        if c.l2 > 0:
+            terms["l2"] = x.norm()
+        loss = self.weighted(terms)
+        self.best.update(loss, x)
+        loss.backward()
+        self.optimizer_step(self._steps)
+        with torch.no_grad():
+            x.copy_(torch.maximum(torch.minimum(x, self.high), self.low))
+        return {name: value.detach() for name, value in terms.items()}, loss.detach()

@@ -22,7 +22,7 @@ from pydantic import Field
 from torch import nn
 
 from ..config import Betas, Int, SynthesisConfig
-from .augment import random_crop_flip
+from ..data import apply_crop_flip, draw_crop_flip
 from .base import BestIterate, CallRandom, Synthesizer, adam, new_generator
 from .hooks import BNStatistics
 from .losses import masked_adversarial_kl, onehot_loss
@@ -60,6 +60,12 @@ class Fast(Synthesizer):
         self.adapted = copy.deepcopy(self.generator)  # reused every call: no model allocation in the loop
         self.meta_optimizer = adam(self.generator.parameters(), self.device, lr=c.meta_lr or c.lr_g * c.g_steps, betas=c.betas)
         self.bn_stats = BNStatistics(self.teacher, momentum=c.bn_momentum)
+        # Kept across calls, started afresh in place by each: one compiled graph reads them every step.
+        self.z = torch.zeros(c.batch_size, c.nz, device=self.device, requires_grad=True)
+        self.targets = torch.zeros(c.batch_size, dtype=torch.long, device=self.device)
+        self.inner_optimizer = adam([{"params": self.adapted.parameters(), "lr": c.lr_g}, {"params": [self.z], "lr": c.lr_z}],
+                                    self.device, betas=c.betas)
+        self.best = BestIterate()
 
     def _reset_first_layers(self, generator: torch.Generator) -> None:
         # The public reset draws N(0, 0.02) for both the linear layer and the first BN's weight.
@@ -71,44 +77,56 @@ class Fast(Synthesizer):
         c = self.cfg
         if c.reset_l0_at_call is not None and self.calls == c.reset_l0_at_call:
             self._reset_first_layers(rng.device)
-        self.adapted.load_state_dict(self.generator.state_dict())
+        self.adapted.load_state_dict(self.generator.state_dict())  # copies into the same tensors
         self.adapted.train()
-        z = torch.randn(c.batch_size, c.nz, device=self.device, generator=rng.device).requires_grad_(True)
-        targets = torch.randint(0, self.num_classes, (c.batch_size,), device=self.device, generator=rng.device)
-        inner = adam([{"params": self.adapted.parameters(), "lr": c.lr_g}, {"params": [z], "lr": c.lr_z}], self.device, betas=c.betas)
-        adversarial = c.adv > 0 and self.calls >= c.adv_after_calls
-        meta_params, fast_params = list(self.generator.parameters()), list(self.adapted.parameters())
+        with torch.no_grad():
+            self.z.copy_(torch.randn(self.z.shape, device=self.device, generator=rng.device))
+            self.targets.copy_(torch.randint(0, self.num_classes, (c.batch_size,), device=self.device, generator=rng.device))
+        self.fresh_state(self.inner_optimizer)  # a new inner Adam per call, as the public code
+        self._steps = self.stepper(self.inner_optimizer)
+        self.adversarial = c.adv > 0 and self.calls >= c.adv_after_calls
+        meta_params = list(self.generator.parameters())
         self.meta_optimizer.zero_grad(set_to_none=False)
         for p in meta_params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        best = BestIterate()
-        for _ in range(c.g_steps):
-            x = self.adapted(z)
-            inputs = self.teacher_input(random_crop_flip(x, c.crop_padding, True, rng.device))
-            with self.bn_stats, self.autocast():
-                t = self.teacher(inputs)
-            terms = {"bn": self.bn_stats.loss(), "oh": onehot_loss(t, targets)}
-            if adversarial:
-                with self.autocast():
-                    s = self.student(inputs)
-                terms["adv"] = masked_adversarial_kl(s, t)
-            loss = self.weighted(terms)
-            best.update(loss, x)
-            inner.zero_grad(set_to_none=True)
-            loss.backward()
-            if c.meta == "fomaml":
-                torch._foreach_add_([p.grad for p in meta_params], [q.grad for q in fast_params])
-            inner.step()
-            self.record(terms, loss)
+        # Every step's crop offsets and flips, drawn up front on the device.
+        b = c.batch_size
+        crops = [None if r is None else r.view(c.g_steps, b) for r in draw_crop_flip(c.g_steps * b, c.crop_padding, True, rng.device, self.device)]
+        self.best.reset(torch.empty((b, *self.image_shape), device=self.device))
+        step = self.inner(self.inner_step)
+        with self.bn_stats:
+            for k in range(c.g_steps):
+                self.record_outputs(*step(*(None if r is None else r[k] for r in crops)))
         if c.meta == "reptile":
             with torch.no_grad():
-                for p, q in zip(meta_params, fast_params):
+                for p, q in zip(meta_params, self.adapted.parameters()):
                     p.grad.copy_((p - q) * c.reptile_scale)
         self.meta_optimizer.step()
         self.bn_stats.update_ema()
-        (best_x,) = best.values
+        (best_x,) = self.best.values
         self.add_to_pool(best_x)
+
+    def inner_step(self, dy, dx, flip):
+        """One adaptation step of the generator copy and the latents; first-order MAML sums its gradients into
+        the meta-generator's."""
+        c = self.cfg
+        x = self.adapted(self.z)
+        inputs = self.teacher_input(apply_crop_flip(x, c.crop_padding, dy, dx, flip))
+        with self.autocast():
+            t = self.teacher(inputs)
+        terms = {"bn": self.bn_stats.loss(), "oh": onehot_loss(t, self.targets)}
+        if self.adversarial:
+            with self.autocast():
+                s = self.student(inputs)
+            terms["adv"] = masked_adversarial_kl(s, t)
+        loss = self.weighted(terms)
+        self.best.update(loss, x)
+        loss.backward()
+        if c.meta == "fomaml":
+            torch._foreach_add_([p.grad for p in self.generator.parameters()], [q.grad for q in self.adapted.parameters()])
+        self.optimizer_step(self._steps)
+        return {name: value.detach() for name, value in terms.items()}, loss.detach()
 
     def extra_state(self) -> dict:
         return {

@@ -110,6 +110,7 @@ class BNStatistics:
         self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
         self.counts: list[int] = [0] * len(self.layers)  # elements per channel (N x H x W) of the last forward
         self.ema: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, var), all layers concatenated
+        self.last: torch.Tensor | None = None  # (2, channels): the statistics the last loss() read
         self._targets: tuple[torch.Tensor, torch.Tensor] | None = None
         self._affine: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._scales: dict[tuple[int, ...], torch.Tensor] = {}
@@ -171,7 +172,10 @@ class BNStatistics:
         if key not in self._scales:
             means = [1.0 / n if n else 1.0 for n, size in zip(self.counts, self.sizes) for _ in range(size)]
             variances = [2.0 / n if n else 1.0 for n, size in zip(self.counts, self.sizes) for _ in range(size)]
-            self._scales[key] = torch.tensor([means, variances], device=device)
+            scale = torch.tensor([means, variances], device=device)
+            if torch.compiler.is_compiling():  # a constant of the graph: caching it would change the guards
+                return scale
+            self._scales[key] = scale
         return self._scales[key]
 
     def _batch_statistics(self) -> torch.Tensor:
@@ -185,6 +189,10 @@ class BNStatistics:
             raise RuntimeError("BN-statistics loss read outside the hook context")
         running, position = self._targets
         batch = self._batch_statistics()
+        # The forward's statistics are consumed here: dropped (a compiled step must not hand tensors whose graph
+        # its backward frees back to Python) and kept detached for `update_ema`.
+        self.stats[:] = [None] * len(self.layers)  # in place: the list the forwards wrote to ends empty
+        self.last = batch.detach()
         scaled = _ScaledGradient.apply(batch, self._gradient_scale(batch.device))
         m = self.momentum
         if m > 0 and self.ema is not None:
@@ -199,7 +207,7 @@ class BNStatistics:
         if self.momentum <= 0:
             return
         m = self.momentum
-        mean, var = self._batch_statistics().detach()
+        mean, var = self.last if self.last is not None else self._batch_statistics().detach()
         self.ema = (mean, var) if self.ema is None else (m * self.ema[0] + (1 - m) * mean, m * self.ema[1] + (1 - m) * var)
 
     def state_dict(self) -> dict:
