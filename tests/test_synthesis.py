@@ -412,7 +412,7 @@ def test_bn_statistics_of_the_first_rows_of_a_forward():
 
 
 # Methods whose inner step compiles into one graph (issue 16); the others run their eager loop under compile.
-COMPILED = {"deepinv": 1, "fast": 2}  # graphs: Fast blends moving-average BN statistics from its second call on
+COMPILED = {"cmi": 1, "dafl": 1, "deepinv": 1, "fast": 2, "mosaickd": 1}  # graphs: Fast blends moving-average BN statistics from its second call on
 
 
 @pytest.mark.slow(seconds=40)
@@ -456,3 +456,18 @@ def test_tensor_jitter_is_torch_roll_and_flip():
     shifts, flips = draw_jitter_and_flip(200, 2, True, torch.Generator().manual_seed(0), "cpu")
     assert shifts.shape == (200, 2) and shifts.min() == -2 and shifts.max() == 2 and 0.3 < flips.float().mean() < 0.7
     assert not draw_jitter_and_flip(10, 2, False, torch.Generator().manual_seed(0), "cpu")[1].any()
+
+
+def test_masked_contrastive_loss_is_the_loss_without_the_masked_rows():
+    from kdci_ray.synthesis.losses import contrastive_loss
+
+    torch.manual_seed(0)
+    local, global_ = torch.randn(10, 6, requires_grad=True), torch.randn(10, 6)
+    for held in (0, 2, 6):  # bank rows that hold features, of 6
+        valid = torch.arange(10) < 4 + held
+        masked = contrastive_loss(local, global_, 0.2, n_current=4, valid=valid)
+        plain = contrastive_loss(local[: 4 + held], global_[: 4 + held], 0.2, n_current=4)
+        torch.testing.assert_close(masked, plain)
+        grad_masked, = torch.autograd.grad(masked, local)
+        grad_plain, = torch.autograd.grad(plain, local)
+        torch.testing.assert_close(grad_masked, grad_plain)  # masked rows: no gradient, as absent ones

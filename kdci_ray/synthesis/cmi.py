@@ -25,7 +25,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..config import Betas, Int, SynthesisConfig
-from .augment import random_crop_flip, random_resized_crop
+from ..data import apply_crop_flip, draw_crop_flip
+from .augment import apply_resized_crop, draw_resized_crop
 from .base import BestIterate, CallRandom, Synthesizer, adam, new_generator, synthesis_mode
 from .hooks import BNStatistics, InputMeans, statistics_layers
 from .losses import contrastive_loss, masked_adversarial_kl, onehot_loss
@@ -83,10 +84,19 @@ class CMI(Synthesizer):
         with torch.no_grad(), synthesis_mode(self.teacher), self.feature_hooks:
             self.teacher(torch.zeros(2, *self.image_shape, device=self.device))
             dim = self.feature_hooks.features().shape[1]
+        self.dim = dim
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, c.head_dim)).to(self.device)
         self.head_optimizer = adam(self.head.parameters(), self.device, lr=c.lr_g)
-        self.bank = torch.zeros(0, 2 * dim, device=self.device)  # rows [local features | global features]
+        # Fixed sizes (one compiled graph for every call): the whole bank up front, rows [local | global features];
+        # each step takes `n_negatives` rows of it, the ones the bank does not hold yet masked out.
+        self.bank = torch.zeros(c.bank_size if c.cr > 0 else 0, 2 * dim, device=self.device)
         self.bank_next = self.bank_filled = 0
+        self.n_negatives = min(c.n_negatives, c.bank_size)
+        # Kept across calls, started afresh in place by each.
+        self.z = torch.zeros(c.batch_size, c.nz, device=self.device, requires_grad=True)
+        self.targets = torch.zeros(c.batch_size, dtype=torch.long, device=self.device)
+        self.optimizer = adam([*self.generator.parameters(), self.z], self.device, lr=c.lr_g, betas=c.betas)
+        self.best = BestIterate()
 
     def _reinit_generator(self, generator: torch.Generator) -> None:
         for m in self.generator.modules():
@@ -101,68 +111,78 @@ class CMI(Synthesizer):
     def _add_to_bank(self, rows: torch.Tensor) -> None:
         size = self.cfg.bank_size
         rows = rows[-size:]
-        if self.bank.shape[0] < size:  # grow by doubling up to the bound
-            grow = min(size, max(self.bank.shape[0] + rows.shape[0], 2 * self.bank.shape[0])) - self.bank.shape[0]
-            self.bank = torch.cat([self.bank, self.bank.new_zeros(grow, self.bank.shape[1])])
         pos = (self.bank_next + torch.arange(rows.shape[0], device=self.device)) % size
         self.bank[pos] = rows.float()
         self.bank_next = (self.bank_next + rows.shape[0]) % size
         self.bank_filled = min(size, self.bank_filled + rows.shape[0])
 
-    def _negatives(self, generator: torch.Generator) -> torch.Tensor:
-        filled = self.bank_filled
-        if filled == 0:
-            return self.bank[:0]
-        if filled <= self.cfg.n_negatives:
-            return self.bank[:filled]
-        idx = torch.randperm(filled, device=self.device, generator=generator)[: self.cfg.n_negatives]
-        return self.bank.index_select(0, idx)
+    def _negative_rows(self, steps: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every step's negatives, drawn up front: (steps, K) bank rows, a uniform subset of the filled rows
+        without replacement (all of them while they are K or fewer), and (K,) which of the K hold features."""
+        k, filled = self.n_negatives, self.bank_filled
+        valid = torch.arange(k, device=self.device) < filled
+        if filled <= k:
+            return torch.arange(k, device=self.device).expand(steps, k), valid
+        keys = torch.rand(steps, filled, device=self.device, generator=generator)
+        return keys.argsort(dim=1)[:, :k], valid
 
     def synthesize(self, rng: CallRandom) -> None:
         c = self.cfg
         self._reinit_generator(rng.device)
         self.generator.train()
-        z = torch.randn(c.batch_size, c.nz, device=self.device, generator=rng.device).requires_grad_(True)
-        targets = torch.randint(0, self.num_classes, (c.batch_size,), device=self.device, generator=rng.device).sort().values
-        optimizer = adam([*self.generator.parameters(), z], self.device, lr=c.lr_g, betas=c.betas)
-        dim = self.bank.shape[1] // 2
-        best = BestIterate()
-        b = c.batch_size
-        for _ in range(c.g_steps):
-            x = self.generator(z)
-            global_view = self.teacher_input(random_crop_flip(x, c.crop_padding, True, rng.device))
-            views = global_view
-            if c.cr > 0:  # both views in one teacher forward (eval mode: each sample's output is its own)
-                views = torch.cat([global_view, self.teacher_input(random_resized_crop(x, c.local_scale, generator=rng.device))])
-            with self.bn_stats, self.feature_hooks, self.autocast():
-                t = self.teacher(views)[:b]  # the BN loss comes from the global view only (bn_stats.rows)
-            terms = {"bn": self.bn_stats.loss(), "oh": onehot_loss(t, targets)}
-            features = self.feature_hooks.features()
-            global_features, local_features = features[:b], features[b:]
-            if c.adv > 0:
-                with self.autocast():
-                    s = self.student(global_view)
-                terms["adv"] = masked_adversarial_kl(s, t)
-            if c.cr > 0:
-                negatives = self._negatives(rng.device)
-                h_local = F.normalize(self.head(torch.cat([local_features, negatives[:, :dim]])).float(), dim=1)
-                h_global = F.normalize(self.head(torch.cat([global_features, negatives[:, dim:]])).float(), dim=1)
-                terms["cr"] = contrastive_loss(h_local, h_global, c.cr_temperature, n_current=c.batch_size)
-            loss = self.weighted(terms)
-            if c.cr > 0:
-                best.update(loss, x, torch.cat([local_features, global_features], dim=1))
-            else:
-                best.update(loss, x)
-            optimizer.zero_grad(set_to_none=True)
-            self.head_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if c.cr > 0:
-                self.head_optimizer.step()
-            self.record(terms, loss)
-        self.add_to_pool(best.values[0])
+        with torch.no_grad():
+            self.z.copy_(torch.randn(self.z.shape, device=self.device, generator=rng.device))
+            self.targets.copy_(torch.randint(0, self.num_classes, (c.batch_size,), device=self.device, generator=rng.device).sort().values)
+        self.fresh_state(self.optimizer)  # a new Adam per call over the re-initialised generator and z, as the public code
+        self._steps = self.stepper(self.optimizer, *([self.head_optimizer] if c.cr > 0 else []))
+        b, g = c.batch_size, c.g_steps
+        # Every step's randomness up front, on the device: crops and flips of both views, negatives.
+        crops = [None if r is None else r.view(g, b) for r in draw_crop_flip(g * b, c.crop_padding, True, rng.device, self.device)]
+        local = draw_resized_crop(g * b, c.local_scale, generator=rng.device, device=self.device).view(g, b, 4) if c.cr > 0 else None
+        negatives, self.valid = self._negative_rows(g, rng.device) if c.cr > 0 else (None, None)
+        self.best.reset(torch.empty((b, *self.image_shape), device=self.device), *([torch.empty(b, 2 * self.dim, device=self.device)] if c.cr > 0 else []))
+        step = self.inner(self.inner_step)
+        with self.bn_stats, self.feature_hooks:
+            for k in range(g):
+                self.record_outputs(*step(*(None if r is None else r[k] for r in crops),
+                                          None if local is None else local[k], None if negatives is None else negatives[k]))
+        self.add_to_pool(self.best.values[0])
         if c.cr > 0:
-            self._add_to_bank(best.values[1])
+            self._add_to_bank(self.best.values[1])
+
+    def inner_step(self, dy, dx, flip, local_crop, negative_rows):
+        """One step of the generator and the latents (and the contrastive head): both views in one teacher
+        forward, BN statistics of the global view, contrastive loss against the step's negatives."""
+        c = self.cfg
+        b, dim = c.batch_size, self.dim
+        x = self.generator(self.z)
+        global_view = self.teacher_input(apply_crop_flip(x, c.crop_padding, dy, dx, flip))
+        views = global_view
+        if c.cr > 0:  # both views in one teacher forward (eval mode: each sample's output is its own)
+            views = torch.cat([global_view, self.teacher_input(apply_resized_crop(x, local_crop))])
+        with self.autocast():
+            t = self.teacher(views)[:b]  # the BN loss comes from the global view only (bn_stats.rows)
+        terms = {"bn": self.bn_stats.loss(), "oh": onehot_loss(t, self.targets)}
+        features = self.feature_hooks.features()
+        global_features, local_features = features[:b], features[b:]
+        if c.adv > 0:
+            with self.autocast():
+                s = self.student(global_view)
+            terms["adv"] = masked_adversarial_kl(s, t)
+        if c.cr > 0:
+            negatives = self.bank.index_select(0, negative_rows)
+            h_local = F.normalize(self.head(torch.cat([local_features, negatives[:, :dim]])).float(), dim=1)
+            h_global = F.normalize(self.head(torch.cat([global_features, negatives[:, dim:]])).float(), dim=1)
+            valid = torch.cat([torch.ones(b, dtype=torch.bool, device=self.valid.device), self.valid])
+            terms["cr"] = contrastive_loss(h_local, h_global, c.cr_temperature, n_current=b, valid=valid)
+        loss = self.weighted(terms)
+        if c.cr > 0:
+            self.best.update(loss, x, torch.cat([local_features, global_features], dim=1))
+        else:
+            self.best.update(loss, x)
+        loss.backward()
+        self.optimizer_step(self._steps)
+        return {name: value.detach() for name, value in terms.items()}, loss.detach()
 
     def extra_state(self) -> dict:
         filled = self.bank_filled
@@ -174,5 +194,7 @@ class CMI(Synthesizer):
     def load_extra_state(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
         self.head_optimizer.load_state_dict(state["head_optimizer"])
-        self.bank = state["bank"].to(self.device)
+        saved = state["bank"].to(self.device)
+        self.bank.zero_()
+        self.bank[: saved.shape[0]] = saved
         self.bank_next, self.bank_filled = state["bank_next"], state["bank_filled"]

@@ -53,25 +53,33 @@ class DAFL(Synthesizer):
     def synthesize(self, rng: CallRandom) -> None:
         c = self.cfg
         self.generator.train()
-        for _ in range(c.g_steps):
-            z = torch.randn(c.batch_size, c.nz, device=self.device, generator=rng.device)
-            x = self.generator(z)
-            inputs = self.teacher_input(x)
-            with self.bn_stats or contextlib.nullcontext(), self.autocast():
-                t, features = self.teacher(inputs, return_features=True)
-            terms = {"oh": onehot_loss(t), "act": activation_loss(features), "balance": class_balance_loss(t)}
-            if c.bn > 0:
-                terms["bn"] = self.bn_stats.loss()
-            if c.adv > 0:
-                with self.autocast():
-                    s = self.student(inputs)
-                terms["adv"] = adversarial_kl(s, t)
-            loss = self.weighted(terms)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.record(terms, loss)
+        self._steps = self.stepper(self.optimizer)
+        noise = torch.randn(c.g_steps, c.batch_size, c.nz, device=self.device, generator=rng.device)  # every step's, up front
+        step = self.inner(self.inner_step)
+        with self.bn_stats or contextlib.nullcontext():
+            for k in range(c.g_steps):
+                terms, loss, x = step(noise[k])
+                self.record_outputs(terms, loss)
         self.add_to_pool(x)
+
+    def inner_step(self, z: torch.Tensor):
+        """One generator step: the teacher's confidence, activations and class balance on fresh samples."""
+        c = self.cfg
+        x = self.generator(z)
+        inputs = self.teacher_input(x)
+        with self.autocast():
+            t, features = self.teacher(inputs, return_features=True)
+        terms = {"oh": onehot_loss(t), "act": activation_loss(features), "balance": class_balance_loss(t)}
+        if c.bn > 0:
+            terms["bn"] = self.bn_stats.loss()
+        if c.adv > 0:
+            with self.autocast():
+                s = self.student(inputs)
+            terms["adv"] = adversarial_kl(s, t)
+        loss = self.weighted(terms)
+        loss.backward()
+        self.optimizer_step(self._steps)
+        return {name: value.detach() for name, value in terms.items()}, loss.detach(), x.detach()
 
     @torch.no_grad()
     def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:

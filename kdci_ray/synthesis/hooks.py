@@ -245,6 +245,10 @@ class InputMeans(_Hooks):
         return record
 
     def features(self) -> torch.Tensor:
+        """The last forward's features; consumed (the list emptied in place: a compiled step must not hand
+        tensors whose graph its backward frees back to Python)."""
         if any(m is None for m in self.means):
             raise RuntimeError("input means read before a forward inside the hook context")
-        return torch.cat(self.means, dim=1)
+        features = torch.cat(self.means, dim=1)
+        self.means[:] = [None] * len(self.modules)
+        return features

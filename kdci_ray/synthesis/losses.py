@@ -71,16 +71,25 @@ def masked_adversarial_kl(student_logits: torch.Tensor, teacher_logits: torch.Te
     return -(mask * kl_per_sample(student_logits, teacher_logits)).mean()
 
 
-def contrastive_loss(local_h: torch.Tensor, global_h: torch.Tensor, temperature: float, n_current: int) -> torch.Tensor:
+def contrastive_loss(local_h: torch.Tensor, global_h: torch.Tensor, temperature: float, n_current: int,
+                     valid: torch.Tensor | None = None) -> torch.Tensor:
     """CMI's instance discrimination: row i of the local view's embeddings must pick row i of the
     (detached) global view's. The first `n_current` rows are this batch, the rest come from the memory
-    bank; both parts are averaged separately and summed (plain mean when there is no bank yet)."""
+    bank; both parts are averaged separately and summed (plain mean when there is no bank yet).
+    `valid` (rows,) marks the bank rows that hold features (a fixed-size set of negatives, of which a young
+    bank fills only some): the others are neither rows nor candidates, exactly as if they were absent."""
     logits = local_h @ global_h.detach().t() / temperature
     targets = torch.arange(logits.shape[0], device=logits.device)
+    if valid is None:
+        per_row = F.cross_entropy(logits, targets, reduction="none")
+        if per_row.shape[0] == n_current:
+            return per_row.mean()
+        return per_row[:n_current].mean() + per_row[n_current:].mean()
+    logits = logits.masked_fill(~valid[None, :], -1e4)  # exp() of it is 0 next to any real logit
     per_row = F.cross_entropy(logits, targets, reduction="none")
-    if per_row.shape[0] == n_current:
-        return per_row.mean()
-    return per_row[:n_current].mean() + per_row[n_current:].mean()
+    bank_rows = valid[n_current:]
+    bank = torch.where(bank_rows, per_row[n_current:], 0).sum() / bank_rows.sum().clamp_min(1)
+    return per_row[:n_current].mean() + bank  # an empty bank adds 0: the plain mean
 
 
 def prediction_entropy(teacher_logits: torch.Tensor) -> torch.Tensor:

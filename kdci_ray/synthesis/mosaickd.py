@@ -90,42 +90,47 @@ class MosaicKD(Synthesizer):
         c = self.cfg
         self.generator.train()
         self.discriminator.train()
-        for _ in range(c.g_steps):
-            z = torch.randn(c.batch_size, c.nz, device=self.device, generator=rng.device)
-            x = self.generator(z)
-            real = self.wild.sample(c.batch_size, rng.device).float() / 255
-            # D step: OOD patches are real, the generator's are fake (both in the teacher's normalisation).
-            with self.autocast():
-                d_fake = self.discriminator(self.teacher_input(x.detach()))
-                d_real = self.discriminator(self.teacher_input(real))
-            loss_d = c.local * 0.5 * (patch_gan_loss(d_fake, False, c.patch_reduction) + patch_gan_loss(d_real, True, c.patch_reduction))
-            self.optimizer_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            self.optimizer_d.step()
-            # G step on the same images, scored by the updated D.
-            inputs = self.teacher_input(x)
-            with self.autocast():
-                t = self.teacher(inputs)
-                s = self.student(inputs)
-                d = self.discriminator(inputs)
-            terms = {
-                "local": patch_gan_loss(d, True, c.patch_reduction),
-                "align": prediction_entropy(t),
-                "adv": adversarial_kl(s, t),
-                "balance": class_balance_loss(t) / math.log(2),  # in bits, as the public code
-            }
-            loss = self.weighted(terms)
-            self.optimizer_g.zero_grad(set_to_none=True)
-            self.discriminator.requires_grad_(False)  # G's step must not leave gradients in D
-            try:
-                loss.backward()
-            finally:
-                self.discriminator.requires_grad_(True)
-            self.optimizer_g.step()
-            self.record({**terms, "disc": loss_d}, loss)
+        self._steps_d, self._steps_g = self.stepper(self.optimizer_d), self.stepper(self.optimizer_g)  # this call's rates
+        # Every step's latents and OOD rows, drawn up front on the device.
+        noise = torch.randn(c.g_steps, c.batch_size, c.nz, device=self.device, generator=rng.device)
+        rows = torch.randint(len(self.wild), (c.g_steps, c.batch_size), device=self.device, generator=rng.device)
+        step = self.inner(self.inner_step)
+        for k in range(c.g_steps):
+            real = self.wild.gather(rows[k]).float() / 255  # streamed OOD pools read rows from storage here
+            terms, loss, x = step(noise[k], real)
+            self.record_outputs(terms, loss)
         for scheduler in self.schedulers:
             scheduler.step()
         self.add_to_pool(x)
+
+    def inner_step(self, z: torch.Tensor, real: torch.Tensor):
+        """One D step (OOD patches real, the generator's fake), then one G step on the same images scored by the
+        updated D. G's gradient is taken with respect to G alone, so D keeps none of it."""
+        c = self.cfg
+        x = self.generator(z)
+        with self.autocast():
+            d_fake = self.discriminator(self.teacher_input(x.detach()))
+            d_real = self.discriminator(self.teacher_input(real))
+        loss_d = c.local * 0.5 * (patch_gan_loss(d_fake, False, c.patch_reduction) + patch_gan_loss(d_real, True, c.patch_reduction))
+        loss_d.backward()
+        self.optimizer_step(self._steps_d)
+        inputs = self.teacher_input(x)
+        with self.autocast():
+            t = self.teacher(inputs)
+            s = self.student(inputs)
+            d = self.discriminator(inputs)
+        terms = {
+            "local": patch_gan_loss(d, True, c.patch_reduction),
+            "align": prediction_entropy(t),
+            "adv": adversarial_kl(s, t),
+            "balance": class_balance_loss(t) / math.log(2),  # in bits, as the public code
+        }
+        loss = self.weighted(terms)
+        params = list(self.generator.parameters())
+        for p, grad in zip(params, torch.autograd.grad(loss, params)):
+            p.grad = grad
+        self.optimizer_step(self._steps_g)
+        return {**{name: value.detach() for name, value in terms.items()}, "disc": loss_d.detach()}, loss.detach(), x.detach()
 
     @torch.no_grad()
     def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
