@@ -104,6 +104,12 @@ def test_a_cut_run_resumes_exactly(method, digits_teacher, tmp_path):
     cut_cfg = digits_config(method, digits_teacher, tmp_path / "cut", *tiny)
     first = distill_from_config(cut_cfg, stop_after_epoch=1)
     assert not first.finished and first.epoch == 1
+    # The pool is checkpointed as segment files of new rows beside checkpoint.pt, not inside it.
+    run_dir = tmp_path / "cut" / cut_cfg.name
+    pool_state = torch.load(run_dir / "checkpoint.pt", weights_only=True)["source"]["pool"]
+    if pool_state is not None:
+        assert "images" not in pool_state and pool_state["journal"], pool_state
+        assert all((run_dir / name).is_file() for _, _, name in pool_state["journal"])
     resumed = distill_from_config(cut_cfg)  # a fresh source: everything comes from the checkpoint
     assert resumed.resumed_from == 1 and resumed.finished
 

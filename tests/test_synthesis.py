@@ -471,3 +471,48 @@ def test_masked_contrastive_loss_is_the_loss_without_the_masked_rows():
         grad_masked, = torch.autograd.grad(masked, local)
         grad_plain, = torch.autograd.grad(plain, local)
         torch.testing.assert_close(grad_masked, grad_plain)  # masked rows: no gradient, as absent ones
+
+
+def test_pool_journal_writes_only_new_rows_and_restores_the_ring(tmp_path):
+    """Checkpoints keep the pool as segment files of the rows added since the previous one; rows that the
+    ring has overwritten drop out of the state, and their files are deleted one checkpoint later."""
+    pool = ImagePool(10, (1, 2, 2), 3)
+    added = 0
+
+    def add(n):
+        nonlocal added
+        images = (torch.arange(added, added + n) % 256).to(torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+        pool.add(images, torch.full((n, 3), float(added)), call=added)
+        added += n
+
+    add(4)
+    state, files = pool.journal_state(tmp_path)
+    assert [f.name for f in files] == ["pool-000000000000-000000000004.safetensors"]
+    add(3)
+    state, files = pool.journal_state(tmp_path)
+    assert [f.name for f in files][-1] == "pool-000000000004-000000000007.safetensors" and len(files) == 2  # only the new rows
+    add(9)  # 16 written: the ring (10) holds rows 6..15; rows 0..5 are gone
+    state, files = pool.journal_state(tmp_path)
+    assert [tuple(seg[:2]) for seg in state["journal"]] == [(4, 7), (7, 16)]  # (0, 4) dropped: all its rows overwritten
+    assert (tmp_path / "pool-000000000000-000000000004.safetensors").is_file()  # the checkpoint on disk may still need it
+    state = torch.load(_saved(state, tmp_path), weights_only=True)
+    state["folder"] = str(tmp_path)
+    restored = ImagePool(10, (1, 2, 2), 3)
+    restored.load_state_dict(state)
+    for a, b in zip(restored.filled(), pool.filled()):
+        assert torch.equal(a, b)
+    assert (restored.next, restored.total_added, len(restored)) == (pool.next, pool.total_added, len(pool))
+    add(1)
+    pool.journal_state(tmp_path)
+    assert not (tmp_path / "pool-000000000000-000000000004.safetensors").exists()  # deleted one checkpoint later
+    restored.add(pool.images[pool.next - 1 : pool.next], pool.logits[pool.next - 1 : pool.next], call=16)
+    assert torch.equal(restored.filled()[0], pool.filled()[0])  # the restored ring continues where it was
+    # A missing segment is one clear line.
+    (tmp_path / state["journal"][0][2]).unlink()
+    with pytest.raises(ValueError, match="is missing: the checkpoint's image pool is kept in segment files"):
+        ImagePool(10, (1, 2, 2), 3).load_state_dict(state)
+
+
+def _saved(state, folder):
+    torch.save(state, folder / "state.pt")
+    return folder / "state.pt"

@@ -100,6 +100,7 @@ def load_checkpoint(path: Path, cfg: DistillConfig) -> dict:
                          f"{reason}); {CHECKPOINT_FIX}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a kdci_ray distillation checkpoint (format {CHECKPOINT_FORMAT}); {CHECKPOINT_FIX}")
+    locate_journals(state, path.parent)
     diffs = config_diff(state["config"], cfg.model_dump(mode="json"))
     if diffs:
         raise ValueError(
@@ -107,6 +108,19 @@ def load_checkpoint(path: Path, cfg: DistillConfig) -> dict:
             "use another name, set output.overwrite=true to start over, or resume=false"
         )
     return state
+
+
+def locate_journals(state, folder: Path) -> None:
+    """Tell every pool state kept in segment files (`ImagePool.journal_state`) the folder they are in: the
+    checkpoint's own (a launcher may have copied the checkpoint elsewhere since it was written)."""
+    if isinstance(state, dict):
+        if "journal" in state and "written" in state:
+            state["folder"] = str(folder)
+        for value in state.values():
+            locate_journals(value, folder)
+    elif isinstance(state, list):
+        for value in state:
+            locate_journals(value, folder)
 
 
 def load_rank_part(checkpoint: Path, rank: int, world: int, epoch: int) -> dict:
@@ -123,6 +137,7 @@ def load_rank_part(checkpoint: Path, rank: int, world: int, epoch: int) -> dict:
                          f"{CHECKPOINT_FIX}") from None
     if not isinstance(part, dict) or part.get("format") != CHECKPOINT_FORMAT or part.get("rank") != rank:
         raise ValueError(f"{path} is not rank {rank}'s part of a kdci_ray checkpoint; {CHECKPOINT_FIX}")
+    locate_journals(part, path.parent)
     if part.get("world_size") != world:
         raise ValueError(f"{path} was written by {part.get('world_size')} data-parallel worker(s), this run has {world}: "
                          f"resume with {part.get('world_size')}, or use another name")

@@ -25,6 +25,7 @@ resumption then (`distill(..., managed=True)`).
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -55,7 +56,7 @@ from .checkpoint import (
 )
 from .evaluate import check_labeled, evaluate
 from .runtime import Runtime, resolve_runtime, seed_everything
-from .step import KDStep, kd_step, kd_teacher, resolve_compile  # noqa: F401  (kd_step: the eager step, importable from here too)
+from .step import KDStep, kd_teacher, resolve_compile
 from .teacher import lr_lambda, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ class _Run:
         self.cfg, self.source, self.runtime = cfg, source, runtime
         self.rank, self.world = parallel.rank(), parallel.world_size()
         self.primary = self.rank == 0
+        self.run_dir = Path(cfg.output.dir) / cfg.name  # distill() sets the one it was given
         info = dataset_info(cfg.data.dataset)
         models = load_models(cfg, runtime)
         self.teacher, self.student, self.normalize = models.teacher, models.student, models.normalize
@@ -326,7 +328,7 @@ class _Run:
         part = None
         if self.world > 1:
             part = {"format": CHECKPOINT_FORMAT, "rank": self.rank, "world_size": self.world, "epoch": epoch,
-                    "source": self.source.state_dict(), "rng": rng_state()}
+                    "source": self.source_state(), "rng": rng_state()}
         if not self.primary:
             return None, part
         d = self.dictionary
@@ -339,13 +341,22 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "dictionary": None if d is None else {"tensors": d.tensors(), "meta": d.meta_json(), "epoch": self.dictionary_epoch},
-            "source": self.source.state_dict() if self.world == 1 else None,  # data parallel: in each rank's part
+            "source": self.source_state() if self.world == 1 else None,  # data parallel: in each rank's part
             "teacher_id": self.teacher_id,
             "scaler": self.scaler.state_dict(),
             "rng": rng_state() if self.world == 1 else None,
             "history": history,
             "world_size": self.world,
         }, part
+
+    def source_state(self) -> dict:
+        """The source's checkpoint state; a synthesizer's image pool goes to segment files beside the checkpoint,
+        only the rows added since the last checkpoint each time (not the whole pool every time)."""
+        if "journal" in inspect.signature(self.source.state_dict).parameters:
+            prefix = "pool-" if self.world == 1 else f"pool-rank{self.rank}-"
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            return self.source.state_dict(journal=(self.run_dir, prefix))
+        return self.source.state_dict()
 
     def write_checkpoint(self, epoch: int, history: list[dict], path: Path) -> list[Path]:
         """Write this rank's checkpoint files of `epoch` (rank 0: `path`; with several ranks each its own part
@@ -359,6 +370,7 @@ class _Run:
         if part is not None:
             written.append(path.with_name(RANK_PART.format(self.rank)))
             save_atomic(part, written[-1])
+        written += getattr(self.source, "journal_files", [])  # a launcher's checkpoint copy needs them too
         self.checkpoints.wrote(time.perf_counter() - t0)
         return written
 
@@ -463,6 +475,7 @@ def distill(
     if hasattr(source, "to"):
         source.to(runtime.device)
     run = _Run(cfg, source, runtime)
+    run.run_dir = run_dir
     if world > 1:  # the models are built (identically): from here on ranks draw different random numbers
         seed_everything(parallel.rank_seed(cfg.seed))
     history: list[dict] = []
@@ -532,6 +545,8 @@ def _clear_run_files(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
     for part in run_dir.glob(RANK_PART.format("*") + "*"):  # data-parallel ranks' parts (and their .tmp)
         part.unlink(missing_ok=True)
+    for segment in run_dir.glob("pool-*.safetensors*"):  # checkpointed pool rows (pool.parquet is the export)
+        segment.unlink(missing_ok=True)
 
 
 def _finished(run: _Run, result: DistillResult) -> DistillResult:

@@ -362,10 +362,17 @@ class Synthesizer:
         """Mean synthesis loss terms over this epoch's calls (one host sync per epoch)."""
         return {f"synth_{key}": float(value) / self._epoch_counts[key] for key, value in self._epoch_sums.items()}
 
-    def state_dict(self) -> dict:
+    def state_dict(self, journal: tuple[Path, str] | None = None) -> dict:
+        """The synthesizer's checkpoint state. `journal` = (folder, file prefix): the pool's rows go to segment
+        files there, only the new ones each time (`ImagePool.journal_state`); `journal_files` then lists the
+        files this state needs."""
+        if journal is None:
+            pool, self.journal_files = self.pool.state_dict(), []
+        else:
+            pool, self.journal_files = self.pool.journal_state(*journal)
         return {
             "method": self.method, "seed": self.seed, "calls": self.calls, "image_shape": list(self.image_shape),
-            "pool": self.pool.state_dict(), "extra": self.extra_state(),
+            "pool": pool, "extra": self.extra_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:

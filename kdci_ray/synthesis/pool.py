@@ -13,6 +13,7 @@ Parquet layout (one row per image; read by the Ray layer to shard and by `read_p
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -38,6 +39,10 @@ class ImagePool:
         self.size = 0  # filled rows
         self.next = 0  # ring position of the next write
         self.total_added = 0
+        self.written = 0  # rows written into the ring so far: row w sits at position w % capacity
+        self._journal: list[tuple[int, int, str]] = []  # (first row, end row, file) of the segments in the last journal state
+        self._unreferenced: list[str] = []  # segments the last journal state dropped (deleted at the next one)
+        self._loaded_from: Path | None = None  # the folder of the journal this pool was restored from
 
     def __len__(self) -> int:
         return self.size
@@ -81,6 +86,7 @@ class ImagePool:
         self.calls[pos] = call
         self.next = (self.next + n) % self.capacity
         self.size = min(self.capacity, self.size + n)
+        self.written += n
 
     def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """A KD batch drawn uniformly (with replacement) from the filled pool; uint8 on the pool's device."""
@@ -101,7 +107,66 @@ class ImagePool:
             "next": self.next, "total_added": self.total_added, "capacity": self.capacity,
         }
 
+    def journal_state(self, folder: Path, prefix: str = "pool-") -> tuple[dict, list[Path]]:
+        """The pool's checkpoint state with its rows in segment files under `folder` instead of inline: only the
+        rows written since the last call go into a new file (a checkpoint no longer rewrites the whole pool).
+        Returns (state, every segment file the state needs). Segments whose rows have all been overwritten are
+        left out, and deleted at the next call (when no checkpoint on disk refers to them any more)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        for name in self._unreferenced:
+            (folder / name).unlink(missing_ok=True)
+        end = self.written
+        first_needed = max(0, end - self.capacity)
+        start = max(self._journal[-1][1] if self._journal else 0, first_needed)
+        if end > start:
+            positions = torch.arange(start, end, device=self.device) % self.capacity
+            name = f"{prefix}{start:012d}-{end:012d}.safetensors"
+            tmp = folder / (name + ".tmp")
+            save_file({"images": self.images[positions].cpu().contiguous(), "logits": self.logits[positions].cpu().contiguous(),
+                       "calls": self.calls[positions].cpu().contiguous()}, str(tmp))
+            tmp.replace(folder / name)
+            self._journal.append((start, end, name))
+        kept = [seg for seg in self._journal if seg[1] > first_needed]
+        for seg in kept:  # resumed from a checkpoint elsewhere (a launcher's copy): its segments come along
+            if not (folder / seg[2]).is_file() and self._loaded_from is not None and (self._loaded_from / seg[2]).is_file():
+                shutil.copy2(self._loaded_from / seg[2], folder / seg[2])
+        self._unreferenced = [seg[2] for seg in self._journal if seg[1] <= first_needed]
+        self._journal = kept
+        state = {"journal": [list(seg) for seg in kept], "written": end, "size": self.size, "next": self.next,
+                 "total_added": self.total_added, "capacity": self.capacity, "image_shape": list(self.image_shape)}
+        return state, [folder / seg[2] for seg in kept]
+
+    def _load_journal(self, state: dict) -> None:
+        from safetensors.torch import load_file
+
+        if state["capacity"] != self.capacity or tuple(state["image_shape"]) != self.image_shape:
+            raise ValueError(f"pool state has capacity {state['capacity']} and images {tuple(state['image_shape'])}; "
+                             f"this pool has {self.capacity} and {self.image_shape}")
+        folder = Path(state.get("folder", "."))
+        size, end = state["size"], state["written"]
+        images = torch.empty((size, *self.image_shape), dtype=torch.uint8)
+        logits = torch.empty((size, self.num_classes), dtype=torch.float32)
+        calls = torch.empty((size,), dtype=torch.int64)
+        for start, stop, name in state["journal"]:
+            path = folder / name
+            if not path.is_file():
+                raise ValueError(f"{path} is missing: the checkpoint's image pool is kept in segment files beside it; "
+                                 "copy the whole checkpoint folder, or start over (output.overwrite=true)")
+            seg = load_file(str(path))
+            rows = torch.arange(start, stop)
+            keep = rows >= end - self.capacity
+            positions = rows[keep] % self.capacity
+            images[positions], logits[positions], calls[positions] = seg["images"][keep], seg["logits"][keep], seg["calls"][keep]
+        self.images, self.logits, self.calls = images.to(self.device), logits.to(self.device), calls.to(self.device)
+        self.size, self.next, self.total_added, self.written = size, state["next"], state["total_added"], end
+        self._journal = [tuple(seg) for seg in state["journal"]]
+        self._unreferenced, self._loaded_from = [], folder
+
     def load_state_dict(self, state: dict) -> None:
+        if "journal" in state:
+            return self._load_journal(state)
         if state["capacity"] != self.capacity or tuple(state["images"].shape[1:]) != self.image_shape:
             raise ValueError(
                 f"pool state has capacity {state['capacity']} and images {tuple(state['images'].shape[1:])}; "
@@ -111,6 +176,8 @@ class ImagePool:
         self.logits = state["logits"].to(self.device)
         self.calls = state["calls"].to(self.device)
         self.size, self.next, self.total_added = self.images.shape[0], state["next"], state["total_added"]
+        self.written = state.get("written", self.size if self.size < self.capacity else self.next + self.capacity)
+        self._journal, self._unreferenced = [], []
 
     # -- Parquet -------------------------------------------------------------------------------
     def to_parquet(self, path: str | Path, metadata: dict | None = None) -> Path:
