@@ -96,6 +96,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .models.export import export_student
+
+    if args.check_images < 1:
+        raise ValueError(f"--check-images {args.check_images}: must be >= 1")
+    print_result(export_student(args.run, args.format, args.out, args.check_images, args.data_root))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """The MLflow UI on this machine's loopback, on the same store the runs were written to."""
     import os
@@ -251,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite under runs/mlflow)")
     rp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     rp.set_defaults(func=cmd_reproduce)
+
+    ex = sub.add_parser("export", help="a distilled student alone for deployment (ONNX, TorchScript or safetensors) with its card, "
+                        "checked against torch on test images; prints one JSON line")
+    ex.add_argument("--run", required=True, help="a finished distillation run's folder (<output.dir>/<name>)")
+    ex.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
+    ex.add_argument("--out", help="the file to write (default: student.<onnx|pt|safetensors> in the run folder)")
+    ex.add_argument("--check-images", type=int, default=512, help="test images the export is checked on")
+    ex.add_argument("--data-root", help="the student's dataset (default: the run's data.root)")
+    ex.set_defaults(func=cmd_export)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1 against the runs' store")
     ui.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite under runs/mlflow)")

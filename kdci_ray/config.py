@@ -17,7 +17,7 @@ from pydantic import (
 )
 
 from .data import DATASETS
-from .models import classifier_names
+from .models import check_classifier_spec, is_external
 from .registry import Registry
 
 
@@ -77,15 +77,31 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    arch: Text
+    arch: Text = Field(description="a registered classifier (resnet34, ...), torchvision:<name>, timm:<name> or "
+                       "import:<module>:<callable>")
     num_classes: Int | None = Field(None, ge=1, description="default: the dataset's class count")
+    pretrained: bool = Field(False, description="torchvision:/timm: models: start from the library's weights (online)")
+    features_layer: Text | None = Field(None, description="the final linear layer of an external model (default: its last nn.Linear)")
+    options: dict[str, Any] = Field({}, description="keyword arguments of an external model's constructor")
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, name: str) -> str:
-        if name not in classifier_names():
-            raise ValueError(f"no such classifier {name!r}; known classifiers: {', '.join(classifier_names())}")
-        return name
+        return check_classifier_spec(name)
+
+    @model_validator(mode="after")
+    def _external_only(self):
+        if not is_external(self.arch) and (self.pretrained or self.features_layer or self.options):
+            raise ValueError(f"arch = {self.arch}: pretrained, features_layer and options are for torchvision:/timm:/import: "
+                             "models; remove them")
+        return self
+
+    def model_options(self, pretrained: bool | None = None) -> dict[str, Any]:
+        """What `create_model` takes besides the class and channel counts (`pretrained` overrides the config's)."""
+        if not is_external(self.arch):
+            return {}
+        return {"pretrained": self.pretrained if pretrained is None else pretrained, "features_layer": self.features_layer,
+                **self.options}
 
 
 class OptimConfig(Section):

@@ -57,7 +57,7 @@ from .checkpoint import (
 from .evaluate import check_labeled, evaluate
 from .runtime import Runtime, resolve_runtime, seed_everything
 from .step import KDStep, kd_teacher, resolve_compile
-from .teacher import lr_lambda, make_optimizer
+from .teacher import card_options, lr_lambda, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -156,13 +156,15 @@ def load_models(cfg: DistillConfig, runtime: Runtime) -> Models:
     """What a run (or a generation worker) starts from: the config's teacher, student and normalisation."""
     info = dataset_info(cfg.data.dataset)
     teacher, card = load_classifier(
-        cfg.teacher.weights, cfg.teacher.arch, cfg.teacher.num_classes or info.num_classes, info.channels, map_location="cpu"
+        cfg.teacher.weights, cfg.teacher.arch, cfg.teacher.num_classes or info.num_classes, info.channels, map_location="cpu",
+        options=cfg.teacher.model_options(pretrained=False),
     )
     teacher = runtime.prepare(teacher)
     if cfg.student.num_classes not in (None, card.num_classes):
         raise ValueError(f"student.num_classes = {cfg.student.num_classes} but the teacher has {card.num_classes} classes; leave it unset")
     mean, std = list(card.normalize_mean or info.mean), list(card.normalize_std or info.std)
-    student = runtime.prepare(create_model(cfg.student.arch, num_classes=card.num_classes, in_channels=info.channels))
+    student = runtime.prepare(create_model(cfg.student.arch, num_classes=card.num_classes, in_channels=info.channels,
+                                           **cfg.student.model_options()))
     return Models(teacher, student, Normalize(mean, std).to(runtime.device), card.num_classes, mean, std, teacher_fingerprint(teacher))
 
 
@@ -565,7 +567,8 @@ def _finished(run: _Run, result: DistillResult) -> DistillResult:
         arch=cfg.student.arch, num_classes=run.num_classes, dataset=cfg.data.dataset,
         normalize_mean=run.mean, normalize_std=run.std, accuracy=round(final.get("test_top1", float("nan")), 2),
         in_channels=run.info.channels,
-        extra={"teacher": cfg.teacher.arch, "teacher_id": run.teacher_id, "kdci": cfg.kdci.enabled, "epochs": cfg.optim.epochs, "seed": cfg.seed},
+        extra={"teacher": cfg.teacher.arch, "teacher_id": run.teacher_id, "kdci": cfg.kdci.enabled, "epochs": cfg.optim.epochs, "seed": cfg.seed,
+               **card_options(cfg.student)},
     )
     result.student_weights = save_classifier(
         run.student.to(memory_format=torch.contiguous_format), run_dir / "student.safetensors", card, overwrite=True
@@ -605,7 +608,7 @@ def finished_history(cfg: DistillConfig, run_dir: Path) -> list[dict] | None:
     inputs = [f for p in inputs for f in ([p] if p.is_file() else p.glob("*.parquet"))]
     if any(f.stat().st_mtime > finished_at for f in inputs):
         return None
-    teacher, _ = load_classifier(cfg.teacher.weights, cfg.teacher.arch, map_location="cpu")
+    teacher, _ = load_classifier(cfg.teacher.weights, cfg.teacher.arch, map_location="cpu", options=cfg.teacher.model_options(pretrained=False))
     if card.get("teacher_id") != teacher_fingerprint(teacher):  # the card keeps its extras at the top level
         return None
     return history

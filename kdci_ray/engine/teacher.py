@@ -24,6 +24,12 @@ from .runtime import resolve_runtime, seed_everything
 log = logging.getLogger(__name__)
 
 
+def card_options(model_cfg) -> dict:
+    """An external model's constructor options on its card, so the weights load back without the config."""
+    options = {k: v for k, v in model_cfg.model_options().items() if k != "pretrained" and v is not None}
+    return {"model_options": options} if options else {}
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for p in model.parameters():
@@ -89,7 +95,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
         check_labeled(split_set)
         if len(split_set) == 0:
             raise ValueError(f"{info.name}/{split_set.split} is empty")
-    model = runtime.prepare(create_model(cfg.model.arch, num_classes=num_classes, in_channels=info.channels))
+    model = runtime.prepare(create_model(cfg.model.arch, num_classes=num_classes, in_channels=info.channels, **cfg.model.model_options()))
     trained = model  # what the optimiser steps: the model, DDP-wrapped (rank 0's initial weights) across ranks
     if world > 1:
         trained = parallel.wrap_ddp(model, runtime.device)
@@ -169,7 +175,8 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
         accuracy=round(metrics["top1"], 2),
         in_channels=info.channels,
         extra={"top5": round(metrics["top5"], 2), "epochs": cfg.optim.epochs, "seed": cfg.seed,
-               "train_seconds": round(seconds, 1), "device": str(runtime.device), "torch": torch.__version__},
+               "train_seconds": round(seconds, 1), "device": str(runtime.device), "torch": torch.__version__,
+               **card_options(cfg.model)},
     )
     save_classifier(model.to(memory_format=torch.contiguous_format), weights_path, card, overwrite=cfg.output.overwrite)
     (out_dir / f"{cfg.name}.yaml").write_text(dump_config(cfg))

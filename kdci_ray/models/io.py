@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..registry import UnknownNameError
+from .external import build_external, is_external
 from .registry import MODELS
 
 # Keys under which public DFKD / Lightning / timm checkpoints wrap their state dict.
@@ -159,8 +160,10 @@ def load_classifier(
     num_classes: int | None = None,
     in_channels: int | None = None,
     map_location: str | torch.device = "cpu",
+    options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, ModelCard]:
     """Build a classifier and load `weights`; arch / num_classes come from the arguments or the card.
+    `options`: an external model's (`features_layer`, constructor keywords; also read from the card).
 
     When both an argument and the card give a value they must agree. Returns the model in eval mode and
     the (possibly synthesised) card.
@@ -177,10 +180,20 @@ def load_classifier(
     arch = arch or (card.arch if card else None)
     if arch is None:
         raise WeightsError(f"no arch given and no card at {cpath}: pass the architecture (--arch)")
-    try:
-        factory = MODELS.get(arch)
-    except UnknownNameError as exc:
-        raise WeightsError(str(exc)) from None
+    if is_external(arch):  # torchvision:/timm:/import: - the weights come from the file, never downloaded
+        saved = dict(card.extra.get("model_options", {})) if card else {}
+        opts = {**saved, **(options or {}), "pretrained": False}
+
+        def factory(**kw):
+            try:
+                return build_external(arch, **kw, **opts)
+            except ValueError as exc:
+                raise WeightsError(str(exc)) from None
+    else:
+        try:
+            factory = MODELS.get(arch)
+        except UnknownNameError as exc:
+            raise WeightsError(str(exc)) from None
     if num_classes is None:
         num_classes = card.num_classes if card else None
     kwargs: dict[str, Any] = {}
@@ -192,8 +205,8 @@ def load_classifier(
     model = factory(**kwargs)
     load_into(model, read_state_dict(weights), str(weights), arch)
     if card is None:
-        first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-        card = ModelCard(arch=arch, num_classes=model.num_classes, in_channels=first_conv.in_channels)
+        first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        card = ModelCard(arch=arch, num_classes=model.num_classes, in_channels=first_conv.in_channels if first_conv else channels or 3)
     return model.to(map_location).eval(), card
 
 

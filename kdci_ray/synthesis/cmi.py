@@ -63,7 +63,8 @@ class CMIConfig(SynthesisConfig):
 
 
 def feature_modules(teacher: nn.Module, which: str) -> list[nn.Module]:
-    stages = [getattr(teacher, f"layer{i}", None) for i in range(1, 5)]
+    net = getattr(teacher, "net", teacher)  # an external model (torchvision's resnets have layer1..4 too)
+    stages = [getattr(net, f"layer{i}", None) for i in range(1, 5)]
     has_stages = all(isinstance(m, nn.Module) for m in stages)
     if which == "stages" and not has_stages:
         raise ValueError(f"synthesis.feature_layers = 'stages' needs a teacher with layer1..layer4; {type(teacher).__name__} has none: use bn_inputs")

@@ -102,8 +102,9 @@ class BNStatistics:
         self.layers = statistics_layers(model)
         if not self.layers:
             raise ValueError(
-                f"{type(model).__name__} has no BatchNorm2d layers with running statistics: BN-statistics losses need "
-                "a teacher with them; set bn=0"
+                f"the teacher ({getattr(model, 'spec', type(model).__name__)}) has no BatchNorm2d layers with running statistics: "
+                "DeepInv, CMI and Fast match BN statistics and cannot use it (nor DAFL with bn > 0); DAFL, MosaicKD and DFND "
+                "work without them"
             )
         self.momentum = momentum
         self.sizes = [layer.num_features for layer in self.layers]

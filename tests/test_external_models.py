@@ -1,0 +1,147 @@
+"""Teachers and students from torchvision, timm and the user's own code (issue 17), through the real paths."""
+
+import faiss  # noqa: F401  (before torch)
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+from kdci_ray.config import ConfigError, DistillConfig, validate_config
+from kdci_ray.data import Normalize, SubstitutionSet, dataset_info
+from kdci_ray.models import ModelCard, WeightsError, create_model, load_classifier, save_classifier
+from kdci_ray.synthesis import create_synthesizer
+
+CIFAR = dataset_info("cifar10")
+
+
+def test_torchvision_timm_and_import_specs_build_classifiers_with_features_and_bn():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    tv = create_model("torchvision:resnet18", num_classes=10).eval()
+    logits, features = tv(x, return_features=True)
+    assert logits.shape == (2, 10) and features.shape == (2, 512) and len(tv.bn_layers()) == 20
+    # The wrapped model's own keys: torchvision's weights load as they are, and ours back into torchvision.
+    assert list(tv.state_dict()) == list(torchvision.models.resnet18(num_classes=10).state_dict())
+    torch.testing.assert_close(tv(x), tv.net(x))
+    pytest.importorskip("timm")
+    tm = create_model("timm:resnet18", num_classes=7).eval()
+    logits, features = tm(x, return_features=True)
+    assert logits.shape == (2, 7) and features.shape == (2, 512) and tm.bn_layers()
+    mine = create_model("import:models_for_import:tiny_net", num_classes=5, width=6)
+    logits, features = mine(torch.rand(2, 3, 16, 16), return_features=True)
+    assert logits.shape == (2, 5) and features.shape == (2, 6)
+
+
+def test_bad_specs_are_one_line_each():
+    with pytest.raises(ValueError, match="no such torchvision model 'resnet19'.*did you mean"):
+        create_model("torchvision:resnet19", num_classes=10)
+    with pytest.raises(ValueError, match="cannot import 'no_such_module'"):
+        create_model("import:no_such_module:f", num_classes=10)
+    with pytest.raises(ValueError, match="models_for_import has no callable 'nope'"):
+        create_model("import:models_for_import:nope", num_classes=10)
+    with pytest.raises(ValueError, match="features_layer = 'body' is not a submodule"):
+        create_model("torchvision:resnet18", num_classes=10, features_layer="body")
+    base = {"name": "x", "data": {"dataset": "cifar10"}, "teacher": {"arch": "resnet34", "weights": "t.safetensors"}}
+    with pytest.raises(ConfigError, match="model spec 'import:models_for_import' is incomplete"):
+        validate_config(DistillConfig, {**base, "student": {"arch": "import:models_for_import"}})
+    with pytest.raises(ConfigError, match="pretrained, features_layer and options are for torchvision"):
+        validate_config(DistillConfig, {**base, "student": {"arch": "resnet18", "pretrained": True}})
+    with pytest.raises(ConfigError, match="known classifiers: .*torchvision:<name>"):
+        validate_config(DistillConfig, {**base, "student": {"arch": "resnet180"}})
+
+
+def _bn_free_teacher():
+    return create_model("import:models_for_import:no_bn_net", num_classes=10).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("method", ["deepinv", "cmi", "fast"])
+def test_bn_statistics_methods_refuse_a_teacher_without_batchnorm(method):
+    synth = create_synthesizer({"method": method, "batch_size": 4, "g_steps": 1}, (3, 16, 16), 10)
+    student = create_model("import:models_for_import:tiny_net", num_classes=10)
+    with pytest.raises(ValueError, match="no BatchNorm2d layers.*DAFL, MosaicKD and DFND work without them"):
+        synth.bind(_bn_free_teacher(), student, Normalize(CIFAR.mean, CIFAR.std))
+
+
+def test_dafl_accepts_a_teacher_without_batchnorm():
+    synth = create_synthesizer({"method": "dafl", "batch_size": 4, "g_steps": 1, "nz": 8, "ngf": 4}, (3, 16, 16), 10)
+    synth.bind(_bn_free_teacher(), create_model("import:models_for_import:tiny_net", num_classes=10), Normalize(CIFAR.mean, CIFAR.std))
+    assert torch.isfinite(synth.step()["loss"])
+
+
+@pytest.mark.slow(seconds=40)
+@pytest.mark.parametrize("spec,size", [("torchvision:resnet18", 32), ("timm:resnet18", 64)])
+def test_an_external_teacher_goes_through_one_call_of_every_generating_method(spec, size):
+    if spec.startswith("timm:"):
+        pytest.importorskip("timm")
+    torch.manual_seed(0)
+    teacher = create_model(spec, num_classes=10).eval().requires_grad_(False)
+    student = create_model("torchvision:resnet18", num_classes=10)
+    tiny = {"batch_size": 4, "g_steps": 1, "nz": 16, "ngf": 8}
+    for method, settings in {"deepinv": {"batch_size": 4, "g_steps": 1}, "fast": {**tiny, "warmup_calls": 0, "adv_after_calls": 0},
+                             "cmi": {**tiny, "bank_size": 16, "n_negatives": 8}, "dafl": tiny}.items():
+        synth = create_synthesizer({"method": method, **settings}, (3, size, size), 10)
+        synth.bind(teacher, student, Normalize(CIFAR.mean, CIFAR.std))
+        metrics = synth.step()
+        assert all(torch.isfinite(v) for v in metrics.values()), (method, metrics)
+        assert synth.pool.filled()[0].shape == (4, 3, size, size), method
+
+
+@pytest.mark.slow(seconds=60)
+def test_a_torchvision_teacher_distills_into_a_timm_student_and_exports(shared_dir, tmp_path):
+    """Weights file + card from torchvision (random init), one KD epoch with KDCI on, evaluation, then ONNX and
+    TorchScript exports of the student checked against torch on test images."""
+    pytest.importorskip("timm")
+    from kdci_ray.engine.distill import distill
+    from kdci_ray.models.export import export_student
+
+    torch.manual_seed(0)
+    weights = save_classifier(create_model("torchvision:resnet18", num_classes=10), tmp_path / "teacher.safetensors",
+                              ModelCard(arch="torchvision:resnet18", num_classes=10, dataset="cifar10"))
+    loaded, card = load_classifier(weights)
+    assert card.arch == "torchvision:resnet18" and type(loaded).__name__ == "ExternalClassifier"
+    cfg = validate_config(DistillConfig, {
+        "name": "tv", "device": "cpu",
+        "data": {"dataset": "cifar10", "root": str(shared_dir / "data" / "cifar10-jpeg.tar.gz"), "limit": 64},
+        "teacher": {"arch": "torchvision:resnet18", "weights": str(weights)}, "student": {"arch": "timm:resnet18"},
+        "kdci": {"n": 4}, "optim": {"epochs": 1, "batch_size": 16}, "output": {"dir": str(tmp_path)},
+    })
+    pool = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    result = distill(cfg, SubstitutionSet(pool, seed=0))
+    assert result.finished and 0 <= result.final["test_top1"] <= 100 and "test_top1_compensated" in result.final
+    run_dir = tmp_path / "tv"
+    assert json.loads((run_dir / "student.json").read_text())["arch"] == "timm:resnet18"
+    for fmt in ("onnx", "torchscript"):
+        if fmt == "onnx":
+            pytest.importorskip("onnx")
+        exported = export_student(run_dir, fmt, check_images=16)
+        assert exported["images"] == 16 and (run_dir / f"student.{'onnx' if fmt == 'onnx' else 'pt'}").is_file(), exported
+        if "max_logit_diff" in exported:
+            assert exported["max_logit_diff"] < 1e-3 and exported["same_predictions"], exported
+
+
+@pytest.mark.slow(seconds=20)
+def test_onnx_export_of_a_digits_student_keeps_its_test_top1(digits_teacher, tmp_path, capsys):
+    """The round trip issue 17 asks for: a trained digits classifier as a run's student, exported through the
+    CLI, scored by onnxruntime on the whole digits test split: the same top-1 as torch."""
+    pytest.importorskip("onnxruntime")
+    from kdci_ray.cli import main
+
+    run_dir = tmp_path / "run"
+    model, card = load_classifier(digits_teacher)
+    save_classifier(model, run_dir / "student.safetensors", card)
+    assert main(["export", "--run", str(run_dir), "--format", "onnx", "--check-images", "100000"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["checked_with"].startswith("onnxruntime") and result["images"] == len_digits_test()
+    assert result["top1_export"] == result["top1_torch"] > 90 and result["max_logit_diff"] < 1e-3
+    exported_card = json.loads((run_dir / "student.onnx.json").read_text())
+    assert exported_card["export"]["format"] == "onnx" and exported_card["arch"] == "digits_cnn"
+    assert main(["export", "--run", str(tmp_path / "nothing"), "--format", "onnx"]) == 2
+    assert "does not exist: --run must be the folder of a finished distillation run" in capsys.readouterr().err
+
+
+def len_digits_test() -> int:
+    from kdci_ray.data import load_dataset
+
+    return len(load_dataset("digits", split=dataset_info("digits").eval_split).images)
