@@ -148,7 +148,15 @@ class TeacherTrainConfig(RunConfig):
 
 
 class TeacherConfig(ModelConfig):
-    weights: Path = Field(description="teacher weights (.safetensors, or a torch checkpoint read with weights_only)")
+    weights: Path | None = Field(None, description="teacher weights (.safetensors, or a torch checkpoint read with weights_only); "
+                                 "may be left out for a torchvision:/timm: teacher with pretrained: true (the library's weights)")
+
+    @model_validator(mode="after")
+    def _weights_or_pretrained(self):
+        if self.weights is None and not (is_external(self.arch) and self.pretrained):
+            raise ValueError("teacher.weights is required: the file of the trained teacher (or, for a torchvision:/timm: "
+                             "teacher, pretrained: true to use the library's weights)")
+        return self
 
 
 class KDConfig(Section):

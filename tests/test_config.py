@@ -103,3 +103,30 @@ def test_a_missing_relative_config_inside_ray_job_submit_says_where_it_was_looke
     with pytest.raises(ConfigError) as exc:
         load_config("configs/nope.yaml", TeacherTrainConfig)
     assert "ray job submit" not in str(exc.value)
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith(("teacher-", "table-"))),
+                         ids=lambda p: p.name)
+def test_committed_distill_configs_validate(path):
+    from kdci_ray.config import DistillConfig
+    from kdci_ray.models import is_external
+
+    cfg = load_config(path, DistillConfig)
+    assert cfg.name == path.stem
+    for model in (cfg.teacher, cfg.student):  # external specs name models their libraries have
+        if is_external(model.arch) and model.arch.startswith("torchvision:"):
+            import torchvision
+
+            assert model.arch.split(":", 1)[1] in torchvision.models.list_models(), model.arch
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("table-*.yaml")), ids=lambda p: p.name)
+def test_committed_table_configs_list_existing_cells(path):
+    from kdci_ray.config import TableConfig
+    from kdci_ray.distributed.reproduce import cell_configs
+
+    table = load_config(path, TableConfig)
+    cells = cell_configs(table, CONFIGS)
+    assert len(cells) == len(table.methods) * len(table.pairs)
+    assert all(cfg.data.dataset == table.dataset for cfg in cells.values())
+    assert set(table.reference) <= set(table.methods) and all(set(v) <= set(table.pairs) for v in table.reference.values())

@@ -155,10 +155,7 @@ class Models:
 def load_models(cfg: DistillConfig, runtime: Runtime) -> Models:
     """What a run (or a generation worker) starts from: the config's teacher, student and normalisation."""
     info = dataset_info(cfg.data.dataset)
-    teacher, card = load_classifier(
-        cfg.teacher.weights, cfg.teacher.arch, cfg.teacher.num_classes or info.num_classes, info.channels, map_location="cpu",
-        options=cfg.teacher.model_options(pretrained=False),
-    )
+    teacher, card = load_teacher(cfg)
     teacher = runtime.prepare(teacher)
     if cfg.student.num_classes not in (None, card.num_classes):
         raise ValueError(f"student.num_classes = {cfg.student.num_classes} but the teacher has {card.num_classes} classes; leave it unset")
@@ -166,6 +163,19 @@ def load_models(cfg: DistillConfig, runtime: Runtime) -> Models:
     student = runtime.prepare(create_model(cfg.student.arch, num_classes=card.num_classes, in_channels=info.channels,
                                            **cfg.student.model_options()))
     return Models(teacher, student, Normalize(mean, std).to(runtime.device), card.num_classes, mean, std, teacher_fingerprint(teacher))
+
+
+def load_teacher(cfg: DistillConfig) -> tuple[torch.nn.Module, ModelCard]:
+    """The config's teacher (eval mode, CPU) and its card: from `teacher.weights`, or for a torchvision:/timm:
+    teacher with `pretrained: true` and no file, the library's own weights (its card made here)."""
+    info = dataset_info(cfg.data.dataset)
+    num_classes = cfg.teacher.num_classes or info.num_classes
+    if cfg.teacher.weights is not None:
+        return load_classifier(cfg.teacher.weights, cfg.teacher.arch, num_classes, info.channels, map_location="cpu",
+                               options=cfg.teacher.model_options(pretrained=False))
+    teacher = create_model(cfg.teacher.arch, num_classes=num_classes, in_channels=info.channels, **cfg.teacher.model_options())
+    return teacher.eval(), ModelCard(arch=cfg.teacher.arch, num_classes=num_classes, dataset=cfg.data.dataset,
+                                     in_channels=info.channels, extra={"pretrained": True})
 
 
 class _Run:
@@ -608,7 +618,7 @@ def finished_history(cfg: DistillConfig, run_dir: Path) -> list[dict] | None:
     inputs = [f for p in inputs for f in ([p] if p.is_file() else p.glob("*.parquet"))]
     if any(f.stat().st_mtime > finished_at for f in inputs):
         return None
-    teacher, _ = load_classifier(cfg.teacher.weights, cfg.teacher.arch, map_location="cpu", options=cfg.teacher.model_options(pretrained=False))
+    teacher, _ = load_teacher(cfg)
     if card.get("teacher_id") != teacher_fingerprint(teacher):  # the card keeps its extras at the top level
         return None
     return history
