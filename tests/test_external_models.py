@@ -145,3 +145,22 @@ def len_digits_test() -> int:
     from kdci_ray.data import load_dataset
 
     return len(load_dataset("digits", split=dataset_info("digits").eval_split).images)
+
+
+def test_deepinv_multi_resolution_and_a_224_px_generator_run_one_call_each():
+    """ImageNet-size synthesis at toy batch: DeepInv's low-resolution phase first, and a generator at 224 px."""
+    torch.manual_seed(0)
+    teacher = create_model("import:models_for_import:tiny_net", num_classes=10).eval().requires_grad_(False)
+    student = create_model("import:models_for_import:tiny_net", num_classes=10)
+    normalize = Normalize(CIFAR.mean, CIFAR.std)
+    seen = []
+    teacher.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].shape[-1]))
+    deepinv = create_synthesizer({"method": "deepinv", "batch_size": 2, "g_steps": 3, "multires_steps": 2}, (3, 224, 224), 10)
+    deepinv.bind(teacher, student, normalize)
+    seen.clear()
+    deepinv.step()
+    assert seen[:3] == [112, 112, 224]  # two low-resolution steps, then full resolution (then the pool's teacher pass)
+    assert deepinv.pool.filled()[0].shape == (2, 3, 224, 224)
+    dafl = create_synthesizer({"method": "dafl", "batch_size": 2, "g_steps": 1, "nz": 8, "ngf": 4}, (3, 224, 224), 10)
+    dafl.bind(teacher, student, normalize)
+    assert torch.isfinite(dafl.step()["loss"]) and dafl.pool.filled()[0].shape == (2, 3, 224, 224)

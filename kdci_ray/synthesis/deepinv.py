@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
 from ..config import Betas, Int, SynthesisConfig
@@ -38,6 +39,8 @@ class DeepInvConfig(SynthesisConfig):
     l2: float = Field(0.0, ge=0, description="L2 prior on the (normalised) pixels")
     jitter: Int | None = Field(None, ge=0, description="random roll in pixels per step (default: image size / 8, 4 px at 32 px)")
     flip: bool = True
+    multires_steps: Int = Field(0, ge=0, description="the first N steps of a call show the teacher the image at half resolution "
+                                "(2x2 average-pooled), as DeepInversion does at 224 px (2k of 3k steps); 0: off")
 
 
 @register_method("deepinv", config=DeepInvConfig)
@@ -69,14 +72,18 @@ class DeepInversion(Synthesizer):
         step = self.inner(self.inner_step)
         with self.bn_stats:  # the teacher's BN layers report their statistics for the whole call
             for k in range(c.g_steps):
-                self.record_outputs(*step(shifts[k], flips[k]))
+                self.record_outputs(*step(shifts[k], flips[k], k < c.multires_steps))
         (best_x,) = self.best.values
         self.add_to_pool(best_x * self.normalize.std.to(self.device) + self.normalize.mean.to(self.device))
 
-    def inner_step(self, shift: torch.Tensor, flip: torch.Tensor):
-        """One pixel update: jitter/flip, teacher (+ student) forward, the weighted terms, backward, Adam, clamp."""
+    def inner_step(self, shift: torch.Tensor, flip: torch.Tensor, low_resolution: bool = False):
+        """One pixel update: jitter/flip, teacher (+ student) forward, the weighted terms, backward, Adam, clamp.
+        `low_resolution`: the networks see the image 2x2 average-pooled (multi-resolution schedule)."""
         c, x = self.cfg, self.x
-        inputs = self.to_input(jitter_and_flip(x, shift, flip))
+        inputs = jitter_and_flip(x, shift, flip)
+        if low_resolution:
+            inputs = F.avg_pool2d(inputs, 2)
+        inputs = self.to_input(inputs)
         with self.autocast():
             t = self.teacher(inputs)
         terms = {"bn": self.bn_stats.loss(), "oh": onehot_loss(t, self.targets)}
