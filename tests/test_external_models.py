@@ -164,3 +164,15 @@ def test_deepinv_multi_resolution_and_a_224_px_generator_run_one_call_each():
     dafl = create_synthesizer({"method": "dafl", "batch_size": 2, "g_steps": 1, "nz": 8, "ngf": 4}, (3, 224, 224), 10)
     dafl.bind(teacher, student, normalize)
     assert torch.isfinite(dafl.step()["loss"]) and dafl.pool.filled()[0].shape == (2, 3, 224, 224)
+
+
+def test_a_teacher_card_of_another_image_size_is_refused_before_training(tmp_path):
+    from kdci_ray.engine.distill import load_models
+    from kdci_ray.engine.runtime import resolve_runtime
+
+    weights = save_classifier(create_model("resnet18", num_classes=10), tmp_path / "t.safetensors",
+                              ModelCard(arch="resnet18", num_classes=10, dataset="tiny-imagenet", extra={"image_size": 64}))
+    cfg = validate_config(DistillConfig, {"name": "x", "data": {"dataset": "cifar10"}, "teacher": {"arch": "resnet18", "weights": str(weights)},
+                                          "student": {"arch": "resnet18"}})
+    with pytest.raises(ValueError, match="takes 3-channel images of 64 px; data.dataset = cifar10 has 3-channel 32 px images"):
+        load_models(cfg, resolve_runtime("cpu"))

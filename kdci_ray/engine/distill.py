@@ -156,6 +156,7 @@ def load_models(cfg: DistillConfig, runtime: Runtime) -> Models:
     """What a run (or a generation worker) starts from: the config's teacher, student and normalisation."""
     info = dataset_info(cfg.data.dataset)
     teacher, card = load_teacher(cfg)
+    check_geometry(card, cfg)
     teacher = runtime.prepare(teacher)
     if cfg.student.num_classes not in (None, card.num_classes):
         raise ValueError(f"student.num_classes = {cfg.student.num_classes} but the teacher has {card.num_classes} classes; leave it unset")
@@ -174,8 +175,23 @@ def load_teacher(cfg: DistillConfig) -> tuple[torch.nn.Module, ModelCard]:
         return load_classifier(cfg.teacher.weights, cfg.teacher.arch, num_classes, info.channels, map_location="cpu",
                                options=cfg.teacher.model_options(pretrained=False))
     teacher = create_model(cfg.teacher.arch, num_classes=num_classes, in_channels=info.channels, **cfg.teacher.model_options())
-    return teacher.eval(), ModelCard(arch=cfg.teacher.arch, num_classes=num_classes, dataset=cfg.data.dataset,
-                                     in_channels=info.channels, extra={"pretrained": True})
+    # The library's weights come with the normalisation they were trained with (timm says it; torchvision's is ImageNet's).
+    pretrained_cfg = getattr(teacher.net, "pretrained_cfg", None) or {}
+    mean, std = pretrained_cfg.get("mean"), pretrained_cfg.get("std")
+    return teacher.eval(), ModelCard(arch=cfg.teacher.arch, num_classes=num_classes, dataset=cfg.data.dataset, in_channels=info.channels,
+                                     normalize_mean=list(mean) if mean else None, normalize_std=list(std) if std else None,
+                                     extra={"pretrained": True})
+
+
+def check_geometry(card: ModelCard, cfg: DistillConfig) -> None:
+    """The teacher's input geometry (its card) against the dataset's: channels, and the image size when the card
+    records one."""
+    info = dataset_info(cfg.data.dataset)
+    size = card.extra.get("image_size")
+    if card.in_channels != info.channels or (size is not None and int(size) != info.image_size):
+        raise ValueError(f"teacher {cfg.teacher.weights or cfg.teacher.arch} takes {card.in_channels}-channel images"
+                         f"{f' of {size} px' if size is not None else ''}; data.dataset = {cfg.data.dataset} has {info.channels}-channel "
+                         f"{info.image_size} px images: use the teacher's dataset")
 
 
 class _Run:

@@ -175,7 +175,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
         accuracy=round(metrics["top1"], 2),
         in_channels=info.channels,
         extra={"top5": round(metrics["top5"], 2), "epochs": cfg.optim.epochs, "seed": cfg.seed,
-               "train_seconds": round(seconds, 1), "device": str(runtime.device), "torch": torch.__version__,
+               "train_seconds": round(seconds, 1), "device": str(runtime.device), "torch": torch.__version__, "image_size": info.image_size,
                **card_options(cfg.model)},
     )
     save_classifier(model.to(memory_format=torch.contiguous_format), weights_path, card, overwrite=cfg.output.overwrite)
