@@ -176,3 +176,28 @@ def test_a_teacher_card_of_another_image_size_is_refused_before_training(tmp_pat
                                           "student": {"arch": "resnet18"}})
     with pytest.raises(ValueError, match="takes 3-channel images of 64 px; data.dataset = cifar10 has 3-channel 32 px images"):
         load_models(cfg, resolve_runtime("cpu"))
+
+
+def test_your_own_import_model_distills_evaluates_and_exports(tmp_path):
+    """import:<module>:<callable> as teacher and student on digits: one KD epoch with KDCI on, evaluation, exports."""
+    from kdci_ray.engine.distill import distill
+    from kdci_ray.models.export import export_student
+
+    torch.manual_seed(0)
+    spec = "import:models_for_import:tiny_net"
+    weights = save_classifier(create_model(spec, num_classes=10, in_channels=1, width=12), tmp_path / "mine.safetensors",
+                              ModelCard(arch=spec, num_classes=10, dataset="digits", in_channels=1, extra={"model_options": {"width": 12}}))
+    cfg = validate_config(DistillConfig, {
+        "name": "mine", "device": "cpu", "data": {"dataset": "digits"},
+        "teacher": {"arch": spec, "weights": str(weights), "options": {"width": 12}}, "student": {"arch": spec, "options": {"width": 6}},
+        "kdci": {"n": 4}, "optim": {"epochs": 1, "batch_size": 16}, "augment": {"crop_padding": 1, "hflip": False},
+        "output": {"dir": str(tmp_path)},
+    })
+    pool = torch.randint(0, 256, (64, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    result = distill(cfg, SubstitutionSet(pool, seed=0))
+    assert result.finished and "test_top1_compensated" in result.final
+    card = json.loads((tmp_path / "mine" / "student.json").read_text())
+    assert card["arch"] == spec and card["model_options"] == {"width": 6}  # rebuilt from the card alone
+    assert load_classifier(tmp_path / "mine" / "student.safetensors")[0].feature_dim == 6
+    exported = export_student(tmp_path / "mine", "torchscript", check_images=32)
+    assert exported["same_predictions"] and exported["max_logit_diff"] < 1e-4
