@@ -21,17 +21,11 @@ FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 
 
-class Deployable(nn.Module):
-    """The student with its input normalisation: [0, 1] images in, logits out."""
+def deployable(student: nn.Module, mean: list[float], std: list[float]) -> nn.Module:
+    """The student with its input normalisation (the loops' own `Normalize`): [0, 1] images in, logits out."""
+    from ..data import Normalize
 
-    def __init__(self, student: nn.Module, mean: list[float], std: list[float]):
-        super().__init__()
-        self.student = student
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.student((images - self.mean) / self.std)
+    return nn.Sequential(Normalize(mean, std), student).eval()
 
 
 def export_student(run_dir: str | Path, fmt: str, out: str | Path | None = None, check_images: int = 512,
@@ -52,25 +46,25 @@ def export_student(run_dir: str | Path, fmt: str, out: str | Path | None = None,
     out.parent.mkdir(parents=True, exist_ok=True)
     images, labels = _check_set(card, check_images, data_root or _run_data_root(run_dir))
     mean, std = _normalisation(card)
-    deployable = Deployable(model.float().eval(), mean, std).eval()
+    exportable = deployable(model.float().eval(), mean, std)
     with torch.no_grad():
-        reference = deployable(images)
+        reference = exportable(images)
     if fmt == "safetensors":
         if out.resolve() != weights.resolve():
             shutil.copy2(weights, out)
             shutil.copy2(card_path(weights), card_path(out))
         exported, checked_with = load_classifier(out)[0].eval(), "torch"
         with torch.no_grad():
-            logits = Deployable(exported, mean, std)(images)
+            logits = deployable(exported, mean, std)(images)
     elif fmt == "torchscript":
         with torch.no_grad():
-            traced = torch.jit.trace(deployable, images[:2])
+            traced = torch.jit.trace(exportable, images[:2])
         traced.save(str(out))
         with torch.no_grad():
             logits = torch.jit.load(str(out))(images)
         checked_with = "torch.jit"
     else:
-        logits, checked_with = _onnx(deployable, images, out)
+        logits, checked_with = _onnx(exportable, images, out)
     if fmt != "safetensors":
         export_card = ModelCard(**{**card.__dict__, "extra": {**card.extra, "export": {
             "format": fmt, "input": f"float32 NCHW in [0, 1], {card.in_channels} channel(s); normalisation included",

@@ -106,6 +106,14 @@ def build_external(spec: str, num_classes: int | None = None, in_channels: int =
     return model
 
 
+def _no_such(library: str, name: str, known: list[str], lister: str) -> ValueError:
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=3)
+    return ValueError(f"no such {library} model {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+                      + f"; {lister} has them all")
+
+
 def _offline_hint(exc: Exception, spec: str) -> ValueError:
     return ValueError(f"{spec}: pretrained weights could not be downloaded ({type(exc).__name__}: {str(exc)[:120]}); "
                       "offline, set pretrained: false and give the weights as a local file (teacher.weights)")
@@ -115,11 +123,7 @@ def _torchvision(name, num_classes, in_channels, pretrained, kwargs) -> nn.Modul
     import torchvision.models as tvm
 
     if name not in tvm.list_models():
-        import difflib
-
-        close = difflib.get_close_matches(name, tvm.list_models(), n=3)
-        raise ValueError(f"no such torchvision model {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
-                         + "; torchvision.models.list_models() has them all")
+        raise _no_such("torchvision", name, tvm.list_models(), "torchvision.models.list_models()")
     if in_channels != 3:
         raise ValueError(f"torchvision:{name} takes 3 input channels; this dataset has {in_channels}: use a 3-channel dataset "
                          "or an import: model")
@@ -150,11 +154,7 @@ def _timm(name, num_classes, in_channels, pretrained, kwargs) -> nn.Module:
     except ImportError:
         raise ValueError(f"timm:{name} needs timm: pip install 'kdci-ray[timm]' (or pip install timm)") from None
     if not timm.list_models(name) and not timm.is_model(name):
-        import difflib
-
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        raise ValueError(f"no such timm model {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
-                         + "; timm.list_models() has them all")
+        raise _no_such("timm", name, timm.list_models(), "timm.list_models()")
     options = dict(kwargs, in_chans=in_channels)
     if num_classes is not None:
         options["num_classes"] = num_classes
