@@ -55,7 +55,7 @@ from .checkpoint import (
     save_atomic, set_rng_state, stop_on_sigterm,
 )
 from .evaluate import check_labeled, evaluate
-from .runtime import Runtime, resolve_runtime, seed_everything
+from .runtime import Runtime, device_memory_bytes, resolve_runtime, seed_everything
 from .step import KDStep, kd_teacher, resolve_compile
 from .teacher import card_options, lr_lambda, make_optimizer
 
@@ -434,6 +434,28 @@ def check_dictionary_size(cfg: DistillConfig, available: int) -> None:
         )
 
 
+POOL_MEMORY_SHARE = 0.5  # the rest is for the models, activations and the dictionary
+
+
+def check_pool_memory(cfg: DistillConfig, source: SubstitutionSource, device: torch.device) -> None:
+    """The substitution images live on the training device as uint8 (no per-step host copies): refuse, before any
+    synthesis, a pool bound that would take more than half of that device's memory (224 px images are 147 KiB
+    each: 65,536 of them are 9.2 GiB)."""
+    total = device_memory_bytes(device)
+    pool = getattr(source, "pool", None)
+    rows = pool.capacity if pool is not None else len(source) if hasattr(source, "__len__") else 0
+    shape = pool.image_shape if pool is not None else tuple(getattr(source, "images").shape[1:]) if hasattr(source, "images") else None
+    if not total or not rows or shape is None:
+        return
+    per_image = math.prod(shape) + 4 * (pool.num_classes if pool is not None else 0) + 8
+    if rows * per_image > POOL_MEMORY_SHARE * total:
+        fits = int(POOL_MEMORY_SHARE * total // per_image)
+        field = "synthesis.pool_size" if pool is not None else f"pool ({cfg.pool})"
+        fix = f"lower synthesis.pool_size to <= {fits}" if pool is not None else f"use a pool of <= {fits} rows (or more data-parallel workers)"
+        raise ValueError(f"{field}: {rows} images of {'x'.join(map(str, shape))} take {rows * per_image / 2**30:.1f} GiB on {device}, "
+                         f"more than half of its {total / 2**30:.0f} GiB; {fix}")
+
+
 def preflight(cfg: DistillConfig, world: int = 1, checkpoint: Path | None = None, check_n: bool = True) -> int:
     """What a launcher of `world` data-parallel ranks checks before it starts any of them: what `distill()`
     would refuse in its first seconds, on the CPU, without training. The teacher's file, card and classes,
@@ -500,6 +522,7 @@ def distill(
 
     seed_everything(cfg.seed)
     runtime = resolve_runtime(cfg.device, cfg.precision, cfg.channels_last)
+    check_pool_memory(cfg, source, runtime.device)
     if hasattr(source, "to"):
         source.to(runtime.device)
     run = _Run(cfg, source, runtime)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from dataclasses import dataclass
 
@@ -54,6 +55,16 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", channels_last
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     return Runtime(dev, _DTYPES[precision], cl)
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Total memory of `device`: the GPU's own, or the host's RAM for the CPU (0 where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX host
+        return 0
 
 
 def seed_everything(seed: int) -> None:
