@@ -64,10 +64,14 @@ def test_bn_statistics_methods_refuse_a_teacher_without_batchnorm(method):
         synth.bind(_bn_free_teacher(), student, Normalize(CIFAR.mean, CIFAR.std))
 
 
-def test_dafl_accepts_a_teacher_without_batchnorm():
+def test_dafl_and_dfnd_accept_a_teacher_without_batchnorm():
     synth = create_synthesizer({"method": "dafl", "batch_size": 4, "g_steps": 1, "nz": 8, "ngf": 4}, (3, 16, 16), 10)
     synth.bind(_bn_free_teacher(), create_model("import:models_for_import:tiny_net", num_classes=10), Normalize(CIFAR.mean, CIFAR.std))
     assert torch.isfinite(synth.step()["loss"])
+    dfnd = create_synthesizer({"method": "dfnd", "wild": {"dataset": "digits-wild", "limit": 64}, "num_select": 8}, (3, 16, 16), 10)
+    dfnd.bind(_bn_free_teacher(), create_model("import:models_for_import:tiny_net", num_classes=10), Normalize(CIFAR.mean, CIFAR.std))
+    dfnd.begin_epoch(1, None)
+    assert dfnd.pool.filled()[0].shape == (8, 3, 16, 16)
 
 
 @pytest.mark.slow(seconds=40)
