@@ -197,6 +197,15 @@ class KDCIConfig(Section):
         return self
 
 
+class ValidationConfig(Section):
+    """Data-free validation: substitution data the run never trains on, scored against the teacher at every
+    evaluation (val_agreement, val_kl): what model selection may use, since nobody holds the test labels."""
+
+    images: Int = Field(512, ge=0, description="held-out images: synthesizers make them with held-out seeds (once); fixed pools "
+                        "and selections hold out a seeded share of their rows (0: off)")
+    share: float = Field(0.1, gt=0, lt=1, description="at most this share of a fixed pool or selection is held out")
+
+
 class SynthesisConfig(Section):
     """What every DFKD method's settings share. Each method file subclasses this with its own fields
     (losses, weights, schedules) and registers the subclass in `SYNTHESIS_CONFIGS` under its name, so a
@@ -287,6 +296,7 @@ class DistillConfig(RunConfig):
     optim: OptimConfig = OptimConfig()
     augment: AugmentConfig = Field(AugmentConfig(), description="applied to substitution images before KD")
     output: OutputConfig = OutputConfig(dir=Path("runs/distill"))
+    validation: ValidationConfig = ValidationConfig()
     pool: Path | None = Field(
         None,
         description="fixed substitution data: a Parquet pool (jobs/synthesize.py output); when set, training reads it and synthesizes "

@@ -40,12 +40,41 @@ class SubstitutionSet:
     def __len__(self) -> int:
         return len(self.images)
 
+    HELD_OUT_SEED = 1_000_003
+
+    @property
+    def fixed_rows(self) -> int:
+        """The rows a validation hold-out takes its share of."""
+        return len(self.images) + len(getattr(self, "held_out_rows", ()))
+
+    def hold_out(self, count: int) -> None:
+        """Move `count` rows (a seeded draw) out of training, for data-free validation: no batch and no
+        dictionary ever sees them."""
+        self.held_out_rows = torch.empty(0, dtype=torch.int64)
+        self._held_out = self.images[:0]
+        if count < 1:
+            return
+        if count >= len(self.images):
+            raise ValueError(f"{self.name}: cannot hold out {count} of {len(self.images)} images for validation; lower validation.images")
+        order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed + self.HELD_OUT_SEED))
+        self.held_out_rows = order[:count].sort().values  # row ids in the set as given
+        keep = torch.ones(len(self.images), dtype=torch.bool)
+        keep[self.held_out_rows] = False
+        self._held_out = self.images[self.held_out_rows.to(self.images.device)]
+        self.images = self.images[keep.to(self.images.device)]
+        self._fingerprint = None
+
+    def validation_images(self) -> torch.Tensor:
+        return getattr(self, "_held_out", self.images[:0])
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
 
     def to(self, device: torch.device | str) -> "SubstitutionSet":
         self.images = self.images.to(device)
+        if hasattr(self, "_held_out"):
+            self._held_out = self._held_out.to(device)
         return self
 
     def _drop_last(self, batch_size: int) -> bool:
@@ -81,7 +110,8 @@ class SubstitutionSet:
         return self._fingerprint
 
     def state_dict(self) -> dict:
-        return {"name": self.name, "size": len(self), "seed": self.seed, "fingerprint": self.fingerprint()}
+        return {"name": self.name, "size": len(self), "seed": self.seed, "fingerprint": self.fingerprint(),
+                "held_out": len(getattr(self, "held_out_rows", ()))}
 
     def load_state_dict(self, state: dict) -> None:
         """Nothing to restore, but a run must resume on the same data in the same order."""

@@ -57,6 +57,7 @@ from .checkpoint import (
 from .evaluate import check_labeled, evaluate
 from .runtime import Runtime, device_memory_bytes, resolve_runtime, seed_everything
 from .step import KDStep, kd_teacher, resolve_compile
+from .validation import Validation, held_out_count, with_protocols
 from .teacher import card_options, lr_lambda, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,11 @@ class _Run:
         self.extra_optimizers = source.kd_optimizers() if hasattr(source, "kd_optimizers") else []
         self.scaler = runtime.grad_scaler()
         self.kd: KDStep | None = None  # made at the first epoch
+        # Held out on every rank (equal step counts); only rank 0, which evaluates, scores on its share.
+        self.held_out = held_out_count(cfg, source)
+        if hasattr(source, "hold_out"):
+            source.hold_out(self.held_out)
+        self.validation: Validation | None = None
         if self.compiled and hasattr(source, "full_batches"):
             source.full_batches = True  # one batch shape: a small set's ragged last batch wraps around instead
         self.steps_per_epoch = source.steps_per_epoch(cfg.optim.batch_size)
@@ -339,6 +345,14 @@ class _Run:
             raise FloatingPointError(f"distill {cfg.name}: loss became {row['train_loss']} in epoch {epoch}; lower optim.lr")
         return row
 
+    def make_validation(self) -> None:
+        """The held-out images and the teacher's logits on them, once (after the source's first data exists)."""
+        if self.held_out and self.validation is None and self.primary:
+            images = self.source.validation_images()
+            if len(images):
+                self.validation = Validation.make(images, self.teacher, self.prepare_input, self.runtime.autocast)
+                log.info("validation: %d held-out substitution images (never trained on)", len(images))
+
     def evaluate(self) -> dict[str, float]:
         # The compensated logits s' come from the same student forward as the raw ones.
         heads = None if self.intervention is None else {"compensated": lambda s: self.intervention(s).logits}
@@ -346,6 +360,8 @@ class _Run:
         row = {"test_top1": scores["top1"], "test_top5": scores["top5"]}
         if self.intervention is not None:
             row.update(test_top1_compensated=scores["compensated_top1"], test_top5_compensated=scores["compensated_top5"])
+        if self.validation is not None:
+            row.update({k: float(v) for k, v in self.validation.score(self.student, self.prepare_input, self.runtime.autocast, heads).items()})
         return row
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -375,6 +391,7 @@ class _Run:
             "rng": rng_state() if self.world == 1 else None,
             "history": history,
             "world_size": self.world,
+            "validation": None if self.validation is None else self.validation.state_dict(),
         }, part
 
     def source_state(self) -> dict:
@@ -416,6 +433,8 @@ class _Run:
             saved = state["dictionary"]
             dictionary = ConfounderDictionary.from_tensors(saved["tensors"], saved["meta"], "checkpoint dictionary")
             self.use_dictionary(dictionary, saved["epoch"])
+        if state.get("validation") is not None:
+            self.validation = Validation.from_state(state["validation"], self.runtime.device)
         if state["scaler"] and self.scaler.is_enabled():  # empty when the run was not fp16
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(mine["rng"])  # last: nothing after it may draw random numbers before training
@@ -555,11 +574,12 @@ def distill(
         for epoch in range(start, cfg.optim.epochs + 1):
             t0 = time.perf_counter()
             source.begin_epoch(epoch, run.distiller)
+            run.make_validation()
             if run.dictionary_due(epoch):
                 run.build_dictionary(epoch)
             row = {"epoch": epoch, **run.train_epoch(epoch)}
             if primary and (epoch % cfg.eval_every == 0 or epoch == cfg.optim.epochs):
-                row.update(run.evaluate())
+                row = with_protocols({**row, **run.evaluate()}, history)
             history.append(row)
             policy.trained_for(time.perf_counter() - t0)
             if primary:
@@ -573,10 +593,11 @@ def distill(
                 logger.on_checkpoint(epoch, row, written)
             result.epoch = epoch
             log.info(
-                "epoch %d/%d loss %.4f%s%s%s  %.0f img/s%s", epoch, cfg.optim.epochs, row["train_loss"],
+                "epoch %d/%d loss %.4f%s%s%s%s  %.0f img/s%s", epoch, cfg.optim.epochs, row["train_loss"],
                 f" synthesis loss {row['synth_loss']:.4f}" if "synth_loss" in row else "",
                 f" test {row['test_top1']:.2f}%" if "test_top1" in row else "",
                 f" (compensated {row['test_top1_compensated']:.2f}%)" if "test_top1_compensated" in row else "",
+                f", agreement with the teacher on held-out data {row['val_agreement']:.2f}%" if "val_agreement" in row else "",
                 row["images_per_s"], f", checkpoint {policy.last_write:.2f} s" if due and policy.last_write is not None else "",
             )
             if sigterm.is_set() and epoch < cfg.optim.epochs:

@@ -20,6 +20,7 @@ same images and a resumed run continues exactly. The method gets the *raw* stude
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -212,6 +213,38 @@ class Synthesizer:
         if not files or not all(f.is_file() for f in files):
             raise FileNotFoundError(f"synthesis.init_pool = {path}: no Parquet pool there")
         return sum(pq.read_metadata(f).num_rows for f in files)
+
+    # -- data-free validation -------------------------------------------------------------------
+    HELD_OUT_SEED = 1_000_003  # added to the run's seed: held-out calls draw numbers no training call draws
+    fixed_rows = None  # held-out images are made, not taken from training (DFND's are: a share of its selection)
+
+    def hold_out(self, count: int) -> None:
+        """Keep `count` images from held-out seeds for validation (made by `validation_images`)."""
+        self.held_out = int(count)
+
+    def validation_images(self) -> torch.Tensor:
+        """`hold_out`'s images (uint8, on the device), made once by synthesis calls with a held-out seed from the
+        synthesizer's current state, into a pool of their own; everything those calls change (generator and
+        optimiser state, banks, counters, RNGs) is put back, so training goes on exactly as without them."""
+        count = getattr(self, "held_out", 0)
+        if count < 1:
+            return torch.empty(0, *self.image_shape, dtype=torch.uint8, device=self.device)
+        saved_extra = copy.deepcopy(self.extra_state())
+        saved = (self.pool, self.seed, self.calls, self.loss_trace, self.term_trace, self._call_sums, self._epoch_sums, self._epoch_counts)
+        self.pool = ImagePool(count, self.image_shape, self.num_classes, self.device)
+        self.seed += self.HELD_OUT_SEED
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                for _ in range(max(1, -(-count // max(1, self.cfg.batch_size))) * 4):
+                    if self.pool.total_added >= count:
+                        break
+                    self.step()
+            images = self.pool.filled()[0].clone()
+        finally:
+            (self.pool, self.seed, self.calls, self.loss_trace, self.term_trace, self._call_sums, self._epoch_sums,
+             self._epoch_counts) = saved
+            self.load_extra_state(saved_extra)
+        return images
 
     def kd_loss(self, base):
         """The student's loss on a KD batch, given the run's KD loss: the KD loss itself, unless the method

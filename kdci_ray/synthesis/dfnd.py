@@ -103,8 +103,7 @@ class DFND(Synthesizer):
             self.wild = WildImages(c.wild, self.image_shape)
         self.wild.to(self.device, hold=False)  # scored in one streamed pass; only the selected rows are kept
         self.n_select = min(c.num_select, len(self.wild))
-        if self.pool.capacity != self.n_select or self.pool.device != self.device:
-            self.pool = ImagePool(self.n_select, self.image_shape, self.num_classes, self.device)
+        self._new_pool()
         self.adaptation = NoiseAdaptation(self.num_classes, c.transition_diagonal).to(self.device)
         self.adaptation_optimizer = adam(self.adaptation.parameters(), self.device, lr=c.lr_transition)
         self.selection: Selection | None = None
@@ -118,8 +117,8 @@ class DFND(Synthesizer):
         selection = select_top_k(
             self.teacher, self.wild.batches(self.cfg.score_batch_size), self.teacher_input, self.n_select, self.autocast
         )
-        for lo in range(0, len(selection), 4096):
-            self.add_to_pool(self.wild.gather(selection.indices[lo : lo + 4096]).float() / 255)
+        self.selection = selection
+        self._fill_pool()
         _, logits, _ = self.pool.filled()
         counts = torch.bincount(logits.argmax(1), minlength=self.num_classes).tolist()
         log.info(
@@ -127,12 +126,48 @@ class DFND(Synthesizer):
             len(selection), len(self.wild), self.wild.name, time.perf_counter() - t0,
             float(selection.scores[-1]), float(selection.scores[0]), counts,
         )
-        self.selection = selection
         return selection
+
+    # -- data-free validation: a seeded share of the selection, never trained on -------------------
+    @property
+    def fixed_rows(self) -> int:
+        return getattr(self, "n_select", self.cfg.num_select)
+
+    def hold_out(self, count: int) -> None:
+        self.held_out = int(count)
+        if hasattr(self, "n_select"):
+            self._new_pool()
+
+    def _new_pool(self) -> None:
+        rows = self.n_select - getattr(self, "held_out", 0)
+        if rows < 1:
+            raise ValueError(f"dfnd: holding out {self.held_out} of {self.n_select} selected images leaves none to train on; "
+                             "lower validation.images or raise synthesis.num_select")
+        if self.pool.capacity != rows or self.pool.device != self.device:
+            self.pool = ImagePool(rows, self.image_shape, self.num_classes, self.device)
+
+    def _split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training rows, held-out rows) of the selection, the held-out ones a seeded draw."""
+        indices, count = self.selection.indices, getattr(self, "held_out", 0)
+        order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(self.seed + self.HELD_OUT_SEED))
+        held = torch.zeros(len(indices), dtype=torch.bool)
+        held[order[:count]] = True
+        return indices[~held], indices[held]
+
+    def _fill_pool(self) -> None:
+        self.pool = ImagePool(1, self.image_shape, self.num_classes, self.device)
+        self._new_pool()  # a fresh pool of the training rows' size
+        train, held = self._split()
+        for lo in range(0, len(train), 4096):
+            self.add_to_pool(self.wild.gather(train[lo : lo + 4096]).float() / 255)
+        self._held_out = self.wild.gather(held).to(self.device)
+
+    def validation_images(self) -> torch.Tensor:
+        return getattr(self, "_held_out", torch.empty(0, *self.image_shape, dtype=torch.uint8, device=self.device))
 
     # -- the loop's source interface -----------------------------------------------------------------
     def steps_per_epoch(self, batch_size: int) -> int:
-        n = self.n_select
+        n = self.n_select - getattr(self, "held_out", 0)
         if n >= 2 * batch_size or (n % batch_size == 1 and n > 1):
             return n // batch_size  # no ragged (or single-image) last batch for BatchNorm
         return -(-n // batch_size)
@@ -149,7 +184,7 @@ class DFND(Synthesizer):
 
     def min_dictionary_images(self) -> int:
         """The selected count (before `setup`, e.g. on a launcher's driver: num_select, an upper bound)."""
-        return getattr(self, "n_select", self.cfg.num_select)
+        return getattr(self, "n_select", self.cfg.num_select) - getattr(self, "held_out", 0)
 
     def kd_loss(self, base):
         """KD + the noise-adapted NLL on the teacher's pseudo-labels (the weight 0 gives plain KD)."""
@@ -203,7 +238,5 @@ class DFND(Synthesizer):
         self.adaptation_optimizer.load_state_dict(state["optimizer"])
         sel = state["selection"]
         self.selection = Selection(sel["scores"], sel["indices"]) if len(sel["indices"]) else None
-        self.pool = ImagePool(self.n_select, self.image_shape, self.num_classes, self.device)
         if self.selection is not None:
-            for lo in range(0, len(self.selection), 4096):
-                self.add_to_pool(self.wild.gather(self.selection.indices[lo : lo + 4096]).float() / 255)
+            self._fill_pool()
