@@ -128,8 +128,10 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search", default="grid", choices=["grid", "random", "optuna"])
     p.add_argument("--samples", type=int, default=1, help="trials per grid point (grid) or in all (random/optuna)")
     p.add_argument("--scheduler", default="asha", choices=["asha", "fifo"], help="asha: stop poor trials early on the per-epoch metric")
-    p.add_argument("--metric", default="test_top1")
-    p.add_argument("--mode", default="max", choices=["max", "min"])
+    p.add_argument("--metric", default="val_agreement",
+                   help="what trials are ranked and stopped on: val_agreement (default: agreement with the teacher on held-out "
+                   "substitution data, data-free) or e.g. test_top1 (the test labels: the summary then says the selection saw them)")
+    p.add_argument("--mode", default=None, choices=["max", "min"], help="default: min for val_kl and train_loss, else max")
     p.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the GPUs hold, e.g. 4 per GPU at "
                    "--gpus-per-worker 0.25; 2 on CPUs)")

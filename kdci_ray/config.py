@@ -322,7 +322,12 @@ class TableConfig(Section):
     gpus_per_trial: float | None = Field(None, gt=0, description="fractional GPUs per cell (one DDP worker); None: CPU trials")
     workers_per_trial: Int = Field(1, ge=1)
     max_concurrent: Int | None = Field(None, ge=1, description="trials at once; None: as many as the GPUs hold (0.25: 4 per GPU), 2 on CPUs")
-    reference: dict[Text, dict[Text, float]] = Field({}, description="published top-1 per method and pair, shown beside ours")
+    seeds: list[Annotated[int, Strict(), Field(ge=0)]] = Field([0], min_length=1, description="seeds per cell: with 3 or more the "
+                                                             "table reports mean +- std and KDCI's paired difference with a 95 % interval")
+    reference: dict[Text, dict[Text, float]] = Field({}, description="published top-1 per method and pair (the public code's "
+                                                     "best-epoch protocol), shown beside ours; docs/reference_numbers.csv names the sources")
+    reference_teacher: dict[Text, dict[Text, float]] = Field({}, description="the public teachers' top-1 per method and pair (the "
+                                                             "public gap to the teacher; DFND used a teacher of its own)")
 
     @field_validator("methods")
     @classmethod
@@ -333,6 +338,13 @@ class TableConfig(Section):
         if len(set(names)) != len(names):
             raise ValueError(f"methods repeat: {names}")
         return names
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds repeat: {seeds}")
+        return seeds
 
     @model_validator(mode="after")
     def _one_worker_per_gpu_fraction(self) -> "TableConfig":

@@ -130,3 +130,24 @@ def test_committed_table_configs_list_existing_cells(path):
     assert len(cells) == len(table.methods) * len(table.pairs)
     assert all(cfg.data.dataset == table.dataset for cfg in cells.values())
     assert set(table.reference) <= set(table.methods) and all(set(v) <= set(table.pairs) for v in table.reference.values())
+
+
+def test_every_tables_public_numbers_match_the_committed_source_table():
+    """configs/table-*.yaml `reference` / `reference_teacher` against docs/reference_numbers.csv (each row names its
+    source): no number in a table without a source, and no source row missing from its table."""
+    import csv
+
+    from kdci_ray.config import TableConfig, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    source = {(r["dataset"], r["method"], r["pair"]): (float(r["top1"]), float(r["teacher_top1"]))
+              for r in csv.DictReader(open(root / "docs" / "reference_numbers.csv"))}
+    assert all(r for r in csv.DictReader(open(root / "docs" / "reference_numbers.csv")) if r["source"])
+    in_tables = {}
+    for path in sorted((root / "configs").glob("table-*.yaml")):
+        table = load_config(path, TableConfig)
+        for method, pairs in table.reference.items():
+            for pair, top1 in pairs.items():
+                in_tables[(table.dataset, method, pair)] = (top1, table.reference_teacher[method][pair])
+    assert in_tables == source
+    assert source[("cifar10", "cmi", "wrn40_2-wrn16_1")][0] == 88.82  # the from-scratch recipe, not adversarial CMI's 90.01

@@ -221,12 +221,16 @@ def test_reproduce_runs_a_results_table_as_one_grid(ray_cluster, digits_teacher,
     assert not out["failed"]
     [row] = out["rows"]
     assert (row["method"], row["pair"]) == ("fast", "digits_cnn-digits_cnn_small")
-    assert 0 <= row["kd_top1"] <= 100 and 0 <= row["kdci_top1"] <= 100 and row["kdci_compensated_top1"] is not None
-    assert row["gain"] == pytest.approx(row["kdci_top1"] - row["kd_top1"])
-    assert "| digits_cnn -> digits_cnn_small | fast |" in Path(out["files"]["markdown"]).read_text()
+    assert 0 <= row["kd_last"] <= 100 and 0 <= row["kdci_last"] <= 100 and row["kdci_compensated_last"] is not None
+    assert row["kd_best"] >= row["kd_last"] and row["seeds"] == [0] and row["teacher_top1"] > 90  # from the teacher's card
+    assert row["diff_last"] == pytest.approx(row["kdci_last"] - row["kd_last"]) and row["diff_last_low"] is None  # one pair: no interval
+    assert row["kd_last_gap"] == pytest.approx(row["teacher_top1"] - row["kd_last"])
+    text = Path(out["files"]["markdown"]).read_text()
+    assert "| digits_cnn -> digits_cnn_small | fast | last |" in text and "| digits_cnn -> digits_cnn_small | fast | best |" in text
     with open(out["files"]["csv"]) as f:
-        assert [(r["method"], float(r["kd_top1"])) for r in csv.DictReader(f)] == [("fast", row["kd_top1"])]
-    assert len(json.loads(Path(out["files"]["json"]).read_text())["trials"]) == 2
+        assert [(r["method"], float(r["kd_last"])) for r in csv.DictReader(f)] == [("fast", row["kd_last"])]
+    trials = json.loads(Path(out["files"]["json"]).read_text())["trials"]
+    assert len(trials) == 2 and all(t["val_agreement"] is not None and t["seed"] == 0 for t in trials)
 
     mlflow = client(uri)
     children = mlflow.search_runs([mlflow.get_experiment_by_name("kdci-tables").experiment_id],
@@ -241,28 +245,41 @@ def test_reproduce_runs_a_results_table_as_one_grid(ray_cluster, digits_teacher,
                   storage_path=tmp_path / "ray", tracking_uri=uri)
 
 
-def test_a_table_groups_its_trials_by_method_and_pair():
-    """Trial rows of a methods x pairs x KDCI grid -> one table row per (pair, method) in the table's order,
-    with the gain, the public number, and a failed cell named."""
+def test_a_table_groups_its_trials_by_method_and_pair_with_seed_statistics():
+    """Trial rows of a methods x pairs x KDCI x 3 seeds grid -> one table row per (pair, method) in the table's order:
+    mean and std over seeds, the paired difference with its 95 % t interval (hand-computed), both protocols, the gaps
+    to our and the public teacher, the public number, and a failed cell named."""
     from kdci_ray.config import TableConfig
     from kdci_ray.distributed.reproduce import markdown, table_rows, to_csv
 
-    table = load_config(CONFIGS / "table-cifar10.yaml", TableConfig, ["methods=[fast, cmi]"])
-    trials = [{"cell": f"{m}/{p}", "kdci.enabled": k, "test_top1": top1, "test_top1_compensated": top1 + 0.5 if k else None,
-               "error": "worker died" if (m, p, k) == ("cmi", "wrn40_2-wrn16_1", True) else None}
-              for (m, p, k), top1 in {("fast", "resnet34-resnet18", False): 90.0, ("fast", "resnet34-resnet18", True): 91.0,
-                                      ("cmi", "resnet34-resnet18", False): 92.0, ("cmi", "resnet34-resnet18", True): 91.5,
-                                      ("fast", "wrn40_2-wrn16_1", False): 85.0, ("fast", "wrn40_2-wrn16_1", True): 86.0,
-                                      ("cmi", "wrn40_2-wrn16_1", False): 87.0, ("cmi", "wrn40_2-wrn16_1", True): 88.0}.items()]
-    rows = table_rows(table, trials)
+    table = load_config(CONFIGS / "table-cifar10.yaml", TableConfig, ["methods=[fast, cmi]", "seeds=[0, 1, 2]"])
+    kd = {0: 90.0, 1: 91.0, 2: 89.0}
+    kdci = {0: 91.0, 1: 91.5, 2: 90.5}  # differences 1.0, 0.5, 1.5: mean 1.0, std 0.5
+    trials = []
+    for m in ("fast", "cmi"):
+        for p in ("resnet34-resnet18", "wrn40_2-wrn16_1"):
+            for k, values in ((False, kd), (True, kdci)):
+                for seed, top1 in values.items():
+                    trials.append({"cell": f"{m}/{p}", "kdci.enabled": k, "seed": seed, "test_top1": top1, "test_top1_best": top1 + 1,
+                                   "test_top1_compensated": top1 + 0.5 if k else None, "test_top1_compensated_best": top1 + 2 if k else None,
+                                   "error": "worker died" if (m, p, k, seed) == ("cmi", "wrn40_2-wrn16_1", True, 2) else None})
+    rows = table_rows(table, trials, {"resnet34-resnet18": 91.68})
     assert [(r["pair"], r["method"]) for r in rows] == [("resnet34-resnet18", "fast"), ("resnet34-resnet18", "cmi"),
                                                         ("wrn40_2-wrn16_1", "fast"), ("wrn40_2-wrn16_1", "cmi")]
-    assert [r["gain"] for r in rows[:3]] == [pytest.approx(1.0), pytest.approx(-0.5), pytest.approx(1.0)]
-    assert rows[0]["reference_top1"] == 94.05 and rows[0]["kdci_compensated_top1"] == 91.5
-    assert rows[3]["errors"] == "worker died"
+    r = rows[0]
+    assert (r["kd_last"], r["kd_last_std"]) == (pytest.approx(90.0), pytest.approx(1.0))
+    assert (r["kdci_last"], r["kdci_last_std"]) == (pytest.approx(91.0), pytest.approx(0.5))
+    half = 4.303 * 0.5 / 3 ** 0.5  # t(0.975, 2 df) * std / sqrt(3)
+    assert (r["diff_last"], r["diff_last_low"], r["diff_last_high"]) == (pytest.approx(1.0), pytest.approx(1.0 - half), pytest.approx(1.0 + half))
+    assert r["kd_best"] == pytest.approx(91.0) and r["diff_best"] == pytest.approx(1.0) and r["kdci_compensated_best"] == pytest.approx(93.0)
+    assert r["kd_last_gap"] == pytest.approx(1.68) and r["reference_top1"] == 94.05 and r["reference_gap"] == pytest.approx(95.70 - 94.05)
+    assert rows[3]["errors"] == "worker died" and rows[3]["pairs"] == 2  # the failed seed's pair is left out
     text = markdown(table, rows)
-    assert "| resnet34 -> resnet18 | cmi | 92.00 | 91.50 | -0.50 | 92.00 | 94.84 |" in text and "cmi/wrn40_2-wrn16_1: worker died" in text
-    assert to_csv(rows).splitlines()[0] == "pair,method,kd_top1,kdci_top1,gain,kdci_compensated_top1,reference_top1,errors"
+    assert "| resnet34 -> resnet18 | fast | last | 90.00 ± 1.00 | 91.00 ± 0.50 | +1.00 [-0.24, +2.24] | 91.50 | 1.68 / 0.68 | - |" in text
+    assert "| resnet34 -> resnet18 | fast | best | 91.00 ± 1.00 | 92.00 ± 0.50 | +1.00 [-0.24, +2.24] | 93.00 | 0.68 / -0.32 | 94.05 (1.65) |" in text
+    assert "cmi/wrn40_2-wrn16_1: worker died" in text
+    header = to_csv(rows).splitlines()[0].split(",")
+    assert header[:6] == ["pair", "method", "pairs", "teacher_top1", "kd_last", "kd_last_std"] and "diff_best_high" in header
 
 
 def test_the_committed_cifar10_table_names_a_valid_config_for_every_cell():

@@ -209,8 +209,9 @@ def _summarize(parent, folder: Path, size, method, teacher_top1, manifest, runs,
     summary = {
         "size": size, "method": method, "teacher_top1": teacher_top1, "pool_rows": manifest["rows"],
         "kd": _scores(runs["off"].final), "kdci": _scores(runs["on"].final),
-        "sweep": [{k: r.get(k) for k in ("kdci.n", "kdci.alpha", "epochs", "test_top1", "test_top1_compensated", "error")} for r in swept["trials"]],
-        "best": swept["best"], "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1),
+        "sweep": [{k: r.get(k) for k in ("kdci.n", "kdci.alpha", "epochs", "val_agreement", "test_top1", "test_top1_compensated", "error")}
+                  for r in swept["trials"]],
+        "best": swept["best"], "selected_on": swept["selected_on"], "rank_correlation": swept["rank_correlation"], "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1),
         "storage": str(folder), "tracking_uri": uri, "mlflow_run_id": parent.run_id, "experiment": experiment,
     }
     (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -245,11 +246,18 @@ def summary_table(summary: dict) -> str:
         f"| {summary['method']} (KD, KDCI off) | {_fmt(summary['kd']['test_top1'])} | - |",
         f"| {summary['method']} + KDCI | {_fmt(summary['kdci']['test_top1'])} | {_fmt(summary['kdci']['test_top1_compensated'])} |",
         "",
-        "| sweep: N | alpha | epochs | top-1 % | compensated % |",
-        "|---|---|---|---|---|",
+        f"| sweep (selected on {summary.get('selected_on', 'val_agreement')}): N | alpha | epochs | agreement with teacher, held-out % "
+        "| top-1 % | compensated % |",
+        "|---|---|---|---|---|---|",
     ]
+    best = summary.get("best") or {}
     for r in summary["sweep"]:
         epochs = "-" if r["epochs"] is None else int(r["epochs"])
-        lines.append(f"| {r['kdci.n']} | {r['kdci.alpha']} | {epochs} | {_fmt(r['test_top1'])} | {_fmt(r['test_top1_compensated'])} |")
+        chosen = " (chosen)" if best and (r["kdci.n"], r["kdci.alpha"]) == (best.get("kdci.n"), best.get("kdci.alpha")) else ""
+        lines.append(f"| {r['kdci.n']}{chosen} | {r['kdci.alpha']} | {epochs} | {_fmt(r.get('val_agreement'))} | {_fmt(r['test_top1'])} | "
+                     f"{_fmt(r['test_top1_compensated'])} |")
+    rho = (summary.get("rank_correlation") or {}).get("spearman")
+    if rho is not None:
+        lines.append(f"\nSpearman rank correlation of held-out agreement and test top-1 over the trials: {rho:+.2f}")
     lines += ["", "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()) + f" (total {summary['total_seconds']:.0f})"]
     return "\n".join(lines) + "\n"

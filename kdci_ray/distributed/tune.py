@@ -180,8 +180,8 @@ def sweep(
     search: str = "grid",
     num_samples: int = 1,
     scheduler: str = "asha",
-    metric: str = "test_top1",
-    mode: str = "max",
+    metric: str = "val_agreement",
+    mode: str | None = None,
     grace_period: int = 1,
     max_concurrent_trials: int | None = None,
     workers_per_trial: int = 1,
@@ -213,6 +213,7 @@ def sweep(
         raise ValueError(f"search = {search!r}: use grid, random or optuna")
     if scheduler not in ("asha", "fifo"):
         raise ValueError(f"scheduler = {scheduler!r}: use asha or fifo")
+    mode = mode or ("min" if metric in LOWER_IS_BETTER or metric.startswith("val_kl") else "max")
     configs = {key: with_absolute_paths(c) for key, c in (cells or {"": cfg}).items()}
     if not configs:
         raise ValueError("cells is empty: give at least one base config")
@@ -223,7 +224,10 @@ def sweep(
         if every_epoch and c.eval_every != 1:
             raise ValueError(f"{where}eval_every = {c.eval_every}: {scheduler}/{search} compares {metric} every epoch; set eval_every: 1 "
                              "(or use --scheduler fifo with grid/random search)")
-        known = {"test_top1", "test_top5", "train_loss"} | ({"test_top1_compensated", "test_top5_compensated"} if c.kdci.enabled else set())
+        if metric.startswith("val_") and c.validation.images == 0:
+            raise ValueError(f"{where}metric = {metric}: validation.images = 0 holds out nothing to score; set validation.images "
+                             "(default 512) or select on another metric")
+        known = reported_metrics(c)
         if metric not in known:
             raise ValueError(f"{where}metric = {metric!r}: the trials report {', '.join(sorted(known))}")
     check_gpu_fraction(gpus_per_worker, workers_per_trial, "--workers-per-trial")
@@ -326,12 +330,22 @@ def sweep(
     for result in grid:
         overrides = dict(result.config or {})
         metrics = result.metrics or {}
-        rows.append({**overrides, "trial_id": metrics.get("trial_id"), "epochs": metrics.get("epoch"), metric: metrics.get(metric),
-                     "test_top1_compensated": metrics.get("test_top1_compensated"), "error": None if result.error is None else str(result.error)})
+        shown = (metric, "val_agreement", "test_top1", "test_top1_compensated", "test_top1_best", "test_top1_best_epoch",
+                 "test_top1_compensated_best", "test_top1_val_selected")
+        rows.append({**overrides, "trial_id": metrics.get("trial_id"), "epochs": metrics.get("epoch"), **{k: metrics.get(k) for k in shown},
+                     "error": None if result.error is None else str(result.error)})
     finished = [r for r in rows if r.get(metric) is not None]
     best = (max if mode == "max" else min)(finished, key=lambda r: r[metric]) if finished else None
+    saw_test = metric.startswith("test_")
     summary = {"name": name, "storage": str(path), "mlflow_parent_run_id": parent.run_id, "trials": rows, "best": best,
+               "selected_on": metric, "mode": mode, "selection_saw_test_labels": saw_test,
+               "note": (f"selected on {metric}: the selection saw the test labels (test-set tuning; not a data-free result)" if saw_test
+                        else f"selected on {metric} (held-out substitution data, no labels); test_top1 is reported, never used"),
+               "rank_correlation": rank_correlation(finished, "val_agreement", "test_top1"),
                "seconds": round(time.perf_counter() - t0, 1)}
+    if saw_test:
+        log.warning("tune %s: %s", name, summary["note"])
+    parent.set_tags({"kdci.selection_metric": metric, "kdci.selection_saw_test_labels": str(saw_test).lower()})
     report = path / "sweep.json"
     report.write_text(json.dumps(summary, indent=1, default=str))
     parent.log_artifact(report)
@@ -343,6 +357,46 @@ def sweep(
         parent.log_metrics({f"best_{metric}": float(best[metric])}, step=0)
     parent.end()
     return summary
+
+
+LOWER_IS_BETTER = {"train_loss"}
+
+
+def reported_metrics(cfg: DistillConfig) -> set[str]:
+    """What every evaluated epoch of a trial of `cfg` reports (what a sweep may select and stop on)."""
+    heads = ["test_top1"] + (["test_top1_compensated"] if cfg.kdci.enabled else [])
+    known = {"train_loss", "test_top5", *heads, *(f"{h}_{p}" for h in heads for p in ("last", "best"))}
+    if cfg.kdci.enabled:
+        known.add("test_top5_compensated")
+    if cfg.validation.images > 0:
+        known |= {"val_agreement", "val_kl"} | ({"val_agreement_compensated", "val_kl_compensated"} if cfg.kdci.enabled else set())
+    return known
+
+
+def rank_correlation(rows: list[dict], a: str, b: str) -> dict | None:
+    """Spearman's rho between two columns over the rows that have both (ties share their mean rank)."""
+    pairs = [(r[a], r[b]) for r in rows if r.get(a) is not None and r.get(b) is not None]
+    if len(pairs) < 3:
+        return None
+
+    def ranks(values):
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    ra, rb = ranks([p[0] for p in pairs]), ranks([p[1] for p in pairs])
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return {"between": [a, b], "spearman": None if var == 0 else round(cov / var, 4), "trials": len(pairs)}
 
 
 def parse_space_args(items: list[str]) -> dict[str, Any]:
