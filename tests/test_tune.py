@@ -32,8 +32,12 @@ def test_a_two_trial_sweep_makes_one_parent_and_two_child_runs(ray_cluster, digi
                 storage_path=tmp_path / "ray", experiment="sweeps", tracking_uri=uri)
     assert sorted(r["kdci.n"] for r in out["trials"]) == [8, 16] and all(r["epochs"] == 2 and r["error"] is None for r in out["trials"])
     assert all(0.5 <= r["kdci.alpha"] <= 1.5 for r in out["trials"]) and len({r["kdci.alpha"] for r in out["trials"]}) == 2
-    assert out["best"]["test_top1"] == max(r["test_top1"] for r in out["trials"])
+    # No --metric: chosen on the data-free val_agreement (held-out substitution data); test_top1 only reported.
+    assert out["selected_on"] == "val_agreement" and not out["selection_saw_test_labels"] and "no labels" in out["note"]
+    assert out["best"]["val_agreement"] == max(r["val_agreement"] for r in out["trials"]) and all(r["test_top1"] is not None for r in out["trials"])
     mlflow = client(uri)
+    tags = mlflow.get_run(out["mlflow_parent_run_id"]).data.tags
+    assert (tags["kdci.selection_metric"], tags["kdci.selection_saw_test_labels"]) == ("val_agreement", "false")
     experiment = mlflow.get_experiment_by_name("sweeps").experiment_id
     runs = mlflow.search_runs([experiment])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -47,7 +51,7 @@ def test_a_two_trial_sweep_makes_one_parent_and_two_child_runs(ray_cluster, digi
         assert [m.step for m in mlflow.get_metric_history(child.info.run_id, "train_loss")] == [1, 2]
         # raw and compensated top-1, each loss term of the method (KD + DFND's noise adaptation), attention, speed
         assert {"test_top1", "test_top1_compensated", "train_kd", "train_noise_adaptation", "attention_entropy",
-                "images_per_s"} <= set(child.data.metrics)
+                "images_per_s", "val_agreement", "val_kl", "test_top1_best", "test_top1_last"} <= set(child.data.metrics)
         names = {a.path for a in mlflow.list_artifacts(child.info.run_id)}
         assert {"config.yaml", "metrics.json", "student", "dictionary"} <= names
         assert models.get(child.info.run_id) == "student_model"  # each trial's student as an MLflow model
@@ -215,7 +219,7 @@ def test_reproduce_runs_a_results_table_as_one_grid(ray_cluster, digits_teacher,
     from kdci_ray.tracking.store import client
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    table = load_config(CONFIGS / "table-digits.yaml", TableConfig, ["name=table-test", "methods=[fast]"])
+    table = load_config(CONFIGS / "table-digits.yaml", TableConfig, ["name=table-test", "methods=[fast]", "seeds=[0]"])
     out = reproduce(table, config_dir=CONFIGS, storage_path=tmp_path / "ray", tracking_uri=uri, overrides=[
         f"teacher.weights={digits_teacher}", "optim.epochs=1", "synthesis.warmup_calls=0", "kdci.n=4"])
     assert not out["failed"]
