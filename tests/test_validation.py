@@ -90,3 +90,29 @@ def test_protocols_label_last_best_and_val_selected_epochs():
     last = history[-1]
     assert last["test_top1_last"] == 55.0 and (last["test_top1_best"], last["test_top1_best_epoch"]) == (60.0, 2)
     assert (last["test_top1_val_selected"], last["test_top1_val_selected_epoch"]) == (60.0, 2)
+
+
+def test_a_launcher_preflights_every_digits_method_before_binding(digits_teacher):
+    """What `tune`/`reproduce` check on the driver before any trial: every method, unbound (MosaicKD's wild set
+    not loaded yet: its index is read for the dictionary-size check)."""
+    from pathlib import Path
+
+    from kdci_ray.config import load_config
+    from kdci_ray.engine.distill import preflight
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for method in ("dafl", "deepinv", "fast", "cmi", "mosaickd", "dfnd"):
+        cfg = load_config(configs / f"{method}-digits-digits_cnn-digits_cnn_small.yaml", DistillConfig, [f"teacher.weights={digits_teacher}"])
+        assert preflight(cfg) >= cfg.kdci.n, method
+
+
+def test_spearman_rank_correlation_by_hand():
+    from kdci_ray.distributed.tune import rank_correlation
+
+    rows = [{"a": 1, "b": 10}, {"a": 2, "b": 20}, {"a": 3, "b": 30}, {"a": 4, "b": None}]
+    assert rank_correlation(rows, "a", "b") == {"between": ["a", "b"], "spearman": 1.0, "trials": 3}
+    assert rank_correlation([{"a": 1, "b": 3}, {"a": 2, "b": 2}, {"a": 3, "b": 1}], "a", "b")["spearman"] == -1.0
+    # ties share their mean rank: a = [1, 1, 2, 3] -> ranks [0.5, 0.5, 2, 3]; b ranks [0, 1, 2, 3]
+    rho = rank_correlation([{"a": 1, "b": 1}, {"a": 1, "b": 2}, {"a": 2, "b": 3}, {"a": 3, "b": 4}], "a", "b")["spearman"]
+    assert rho == pytest.approx(0.9487, abs=1e-4)
+    assert rank_correlation(rows[:2], "a", "b") is None  # too few trials to rank

@@ -148,6 +148,8 @@ class MosaicKD(Synthesizer):
         yield from self.pool.batches(batch_size)
 
     def min_dictionary_images(self) -> int:
+        if self.wild is None:  # before bind() (a launcher's preflight): the wild set's index, its images stay on disk
+            self.wild = WildImages(self.cfg.wild, self.image_shape)
         return len(self.wild) + super().min_dictionary_images()
 
     def extra_state(self) -> dict:
