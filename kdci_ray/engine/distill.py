@@ -57,6 +57,7 @@ from .checkpoint import (
 from .evaluate import check_labeled, evaluate
 from .runtime import Runtime, device_memory_bytes, resolve_runtime, seed_everything
 from .step import KDStep, kd_teacher, resolve_compile
+from .diagnostics import SAMPLE, prototype_usage, shift_metrics, take, teacher_outputs
 from .validation import Validation, held_out_count, with_protocols
 from .teacher import card_options, lr_lambda, make_optimizer
 
@@ -245,6 +246,8 @@ class _Run:
         if hasattr(source, "hold_out"):
             source.hold_out(self.held_out)
         self.validation: Validation | None = None
+        self.diagnostics: list[dict] = []  # shift measurements (rank 0): first epoch, each dictionary build, the end
+        self._test_reference: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.compiled and hasattr(source, "full_batches"):
             source.full_batches = True  # one batch shape: a small set's ragged last batch wraps around instead
         self.steps_per_epoch = source.steps_per_epoch(cfg.optim.batch_size)
@@ -353,6 +356,30 @@ class _Run:
                 self.validation = Validation.make(images, self.teacher, self.prepare_input, self.runtime.autocast)
                 log.info("validation: %d held-out substitution images (never trained on)", len(images))
 
+    def measure_shift(self, epoch: int) -> dict[str, float]:
+        """Shift diagnostics of the current substitution data (engine/diagnostics.py); returns the scalars."""
+        images = take(self.source.dictionary_images(1024))
+        if images is None or not self.primary:
+            return {}
+        t0 = time.perf_counter()
+        logits, features = teacher_outputs(self.teacher, images, self.prepare_input, self.runtime.autocast)
+        if self._test_reference is None:  # the real test images' labels and teacher features, once
+            xs, ys = [], []
+            for x, y in self.test_batches:
+                xs.append(x)
+                ys.append(y)
+                if sum(map(len, ys)) >= SAMPLE:
+                    break
+            test_features = teacher_outputs(self.teacher, torch.cat(xs)[:SAMPLE], self.prepare_input, self.runtime.autocast)[1]
+            self._test_reference = (torch.cat(ys)[:SAMPLE], test_features)
+        record = {"epoch": epoch, **shift_metrics(logits, features, self.num_classes, *self._test_reference)}
+        if self.intervention is not None and self.intervention.has_dictionary:
+            record.update(prototype_usage(self.intervention, logits))
+        self.diagnostics.append(record)
+        log.info("shift at epoch %d: KL(classes || uniform) %.3f, Frechet distance to test features %.2f (%.1f s)", epoch,
+                 record["shift_kl_uniform"], record.get("shift_frechet_test", float("nan")), time.perf_counter() - t0)
+        return {k: v for k, v in record.items() if isinstance(v, float)}
+
     def evaluate(self) -> dict[str, float]:
         # The compensated logits s' come from the same student forward as the raw ones.
         heads = None if self.intervention is None else {"compensated": lambda s: self.intervention(s).logits}
@@ -392,6 +419,7 @@ class _Run:
             "history": history,
             "world_size": self.world,
             "validation": None if self.validation is None else self.validation.state_dict(),
+            "diagnostics": self.diagnostics,
         }, part
 
     def source_state(self) -> dict:
@@ -433,6 +461,7 @@ class _Run:
             saved = state["dictionary"]
             dictionary = ConfounderDictionary.from_tensors(saved["tensors"], saved["meta"], "checkpoint dictionary")
             self.use_dictionary(dictionary, saved["epoch"])
+        self.diagnostics = list(state.get("diagnostics", []))
         if state.get("validation") is not None:
             self.validation = Validation.from_state(state["validation"], self.runtime.device)
         if state["scaler"] and self.scaler.is_enabled():  # empty when the run was not fp16
@@ -575,9 +604,11 @@ def distill(
             t0 = time.perf_counter()
             source.begin_epoch(epoch, run.distiller)
             run.make_validation()
-            if run.dictionary_due(epoch):
+            rebuilt = run.dictionary_due(epoch)
+            if rebuilt:
                 run.build_dictionary(epoch)
-            row = {"epoch": epoch, **run.train_epoch(epoch)}
+            shift = run.measure_shift(epoch) if primary and (epoch == 1 or rebuilt or epoch == cfg.optim.epochs) else {}
+            row = {"epoch": epoch, **run.train_epoch(epoch), **shift}
             if primary and (epoch % cfg.eval_every == 0 or epoch == cfg.optim.epochs):
                 row = with_protocols({**row, **run.evaluate()}, history)
             history.append(row)
@@ -645,6 +676,8 @@ def _finished(run: _Run, result: DistillResult) -> DistillResult:
     )
     if run.dictionary is not None:
         result.dictionary_path = run.dictionary.save(run_dir / "dictionary.safetensors")
+    if run.diagnostics:
+        (run_dir / "diagnostics.json").write_text(json.dumps(run.diagnostics, indent=1))
     metrics = run_dir / "metrics.json"  # last, and atomically: its presence marks the run finished
     metrics.with_name("metrics.json.tmp").write_text(json.dumps(result.history, indent=1))
     metrics.with_name("metrics.json.tmp").replace(metrics)

@@ -92,3 +92,45 @@ def tsne(features: dict[str, np.ndarray], labels: np.ndarray, path: Path, seed: 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def shift_over_epochs(records: Sequence[dict], path: Path) -> Path:
+    """The shift diagnostics of one run over its measurements (engine/diagnostics.py): class proportions of the
+    substitution data as a heat map (epochs x classes), the divergences and the Frechet distance to the test
+    features, and KDCI's prototype usage at the last measurement (with the priors)."""
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in records]
+    usage = next((r for r in reversed(records) if "usage" in r), None)
+    fig, axes = plt.subplots(1, 3 if usage else 2, figsize=(15 if usage else 10, 3.6))
+    heat = np.asarray([r["proportions"] for r in records])
+    image = axes[0].imshow(heat, aspect="auto", cmap="viridis", interpolation="nearest")
+    axes[0].set_yticks(range(len(epochs)), [str(e) for e in epochs])
+    axes[0].set_xlabel("class (teacher's argmax)")
+    axes[0].set_ylabel("epoch")
+    axes[0].set_title("share of substitution images per class")
+    fig.colorbar(image, ax=axes[0], fraction=0.046)
+    ax = axes[1]
+    for key, label in (("shift_kl_uniform", "KL(classes || uniform)"), ("shift_kl_test", "KL(classes || test labels)")):
+        if all(key in r for r in records):
+            ax.plot(epochs, [r[key] for r in records], marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("KL divergence (nats)")
+    if all("shift_frechet_test" in r for r in records):
+        twin = ax.twinx()
+        twin.plot(epochs, [r["shift_frechet_test"] for r in records], marker="s", color="tab:red", label="Frechet distance to test")
+        twin.set_ylabel("Frechet distance (teacher features)", color="tab:red")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize="small", frameon=False)  # below the axes, off the data
+    ax.set_title("shift of the substitution data")
+    if usage:
+        ax = axes[2]
+        n = len(usage["usage"])
+        ax.bar(np.arange(n) - 0.2, usage["usage"], 0.4, label="attention mass")
+        ax.bar(np.arange(n) + 0.2, usage["priors"], 0.4, label="prior P(z)")
+        ax.set_xlabel("prototype")
+        ax.set_ylabel("share")
+        ax.set_title(f"KDCI prototypes at epoch {usage['epoch']}")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize="small", frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -4,6 +4,7 @@ metrics.json and figures (substitution images, class proportions against the ori
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -41,10 +42,16 @@ def distill_tracked(
 
 def log_run_files(run: MlflowRunLogger, run_dir: Path) -> None:
     """A finished run directory's config, metrics, dictionary and student (weights + card) as artifacts."""
-    for name, folder in (("config.yaml", None), ("metrics.json", None), ("dictionary.safetensors", "dictionary"),
+    for name, folder in (("config.yaml", None), ("metrics.json", None), ("diagnostics.json", None), ("dictionary.safetensors", "dictionary"),
                          ("student.safetensors", "student"), ("student.json", "student")):
         if (run_dir / name).is_file():
             run.log_artifact(run_dir / name, folder)
+    if (run_dir / "diagnostics.json").is_file():
+        from . import plots
+
+        with tempfile.TemporaryDirectory() as tmp:
+            records = json.loads((run_dir / "diagnostics.json").read_text())
+            run.log_artifact(plots.shift_over_epochs(records, Path(tmp) / "shift_over_epochs.png"), "figures")
 
 
 def log_outputs(run: MlflowRunLogger, cfg: DistillConfig, result: DistillResult, source=None) -> None:
