@@ -109,7 +109,9 @@ class OptimConfig(Section):
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0, description="not applied to BatchNorm weights and biases")
+    weight_decay: float = Field(5e-4, ge=0, description="not applied to BatchNorm weights and biases (see decay_norm_and_bias)")
+    decay_norm_and_bias: bool = Field(False, description="weight decay on every parameter, BatchNorm and biases too (the public "
+                                      "DFKD code's recipe; the CIFAR configs set it to match the public runs)")
     batch_size: Int = Field(256, ge=1)
     epochs: Int = Field(200, ge=1)
     warmup_epochs: float = Field(0, ge=0)

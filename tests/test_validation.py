@@ -116,3 +116,23 @@ def test_spearman_rank_correlation_by_hand():
     rho = rank_correlation([{"a": 1, "b": 1}, {"a": 1, "b": 2}, {"a": 2, "b": 3}, {"a": 3, "b": 4}], "a", "b")["spearman"]
     assert rho == pytest.approx(0.9487, abs=1e-4)
     assert rank_correlation(rows[:2], "a", "b") is None  # too few trials to rank
+
+
+def test_the_public_recipe_options_decay_every_parameter_and_cmis_dafl_generator(teacher, normalize):
+    """Issue 18's recipe switches: weight decay on BN weights and biases too; DAFL as the CMI repository runs it."""
+    from kdci_ray.engine.teacher import param_groups
+    from kdci_ray.models import create_model
+
+    model = create_model("digits_cnn_small", num_classes=10, in_channels=1)
+    ours, public = param_groups(model, 5e-4), param_groups(model, 5e-4, decay_norm_and_bias=True)
+    assert [g["weight_decay"] for g in ours] == [5e-4, 0.0] and any(p.ndim == 1 for p in ours[1]["params"])
+    assert len(public) == 1 and len(public[0]["params"]) == len(list(model.parameters()))
+    dafl = make("dafl", teacher, fresh_student(), normalize, variant="cmi")
+    assert dafl.generator.conv_blocks[0].num_features == 4 * TINY["dafl"]["ngf"]  # 256 channels at ngf 64
+    before = {k: v.clone() for k, v in dafl.generator.named_buffers()}
+    dafl.sample(8, torch.Generator().manual_seed(0))
+    assert not dafl.generator.training and all(torch.equal(before[k], v) for k, v in dafl.generator.named_buffers())
+    fast_variant = make("dafl", teacher, fresh_student(), normalize)
+    assert fast_variant.generator.conv_blocks[0].num_features == 2 * TINY["dafl"]["ngf"]
+    fast_variant.sample(8, torch.Generator().manual_seed(0))
+    assert fast_variant.generator.training  # Fast-Datafree's: batch statistics when sampling for KD

@@ -30,18 +30,21 @@ def card_options(model_cfg) -> dict:
     return {"model_options": options} if options else {}
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
+    """Weight decay on weight matrices and kernels; BatchNorm weights and biases (the 1-d tensors) without it,
+    unless `decay_norm_and_bias` (the public DFKD code decays every parameter)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (no_decay if p.ndim <= 1 and not decay_norm_and_bias else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    return groups + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
 
 
 def make_optimizer(model: torch.nn.Module, optim, device: torch.device) -> torch.optim.Optimizer:
     """SGD or AdamW over `model`'s parameter groups, fused (one kernel per step for every parameter, where
     the per-tensor loop launches three or more per parameter) on CUDA and the CPU."""
-    groups = param_groups(model, optim.weight_decay)
+    groups = param_groups(model, optim.weight_decay, optim.decay_norm_and_bias)
     if optim.optimizer == "sgd":
         make, options = torch.optim.SGD, {"lr": optim.lr, "momentum": optim.momentum, "nesterov": optim.nesterov and optim.momentum > 0}
     else:
@@ -50,7 +53,7 @@ def make_optimizer(model: torch.nn.Module, optim, device: torch.device) -> torch
         try:
             return make(groups, fused=True, **options)
         except (RuntimeError, TypeError):  # a torch without the fused kernel for this device
-            groups = param_groups(model, optim.weight_decay)
+            groups = param_groups(model, optim.weight_decay, optim.decay_norm_and_bias)
     return make(groups, **options)
 
 

@@ -434,12 +434,12 @@ def adam(params, device: torch.device, **options) -> torch.optim.Adam:
         return torch.optim.Adam(params, **options)
 
 
-def new_generator(nz: int, ngf: int, image_shape: tuple[int, int, int], device) -> nn.Module:
+def new_generator(nz: int, ngf: int, image_shape: tuple[int, int, int], device, start_mult: int = 2) -> nn.Module:
     """The public DCGAN-style generator for this image shape (sigmoid output in [0, 1])."""
     from ..models import create_model
 
     c, h, _ = image_shape
-    return create_model("generator", nz=nz, ngf=ngf, img_size=h, nc=c).to(device)
+    return create_model("generator", nz=nz, ngf=ngf, img_size=h, nc=c, start_mult=start_mult).to(device)
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer | None) -> dict | None:

@@ -38,6 +38,9 @@ class DAFLConfig(SynthesisConfig):
     bn: float = Field(0.0, ge=0, description="BN-statistics matching (0 in the public DAFL script)")
     adv: float = Field(0.0, ge=0, description="adversarial -KL(teacher || student) (0 in the public DAFL script)")
     dictionary_samples: Int = Field(10240, ge=1, description="fresh samples the KDCI dictionary is built from")
+    variant: Literal["fast", "cmi"] = Field(
+        "fast", description="fast: Fast-Datafree's DAFL (generator starts at 2 ngf = 128 channels, KD samples in train mode); cmi: the "
+        "CMI repository's, whose DAFL numbers the public tables quote (4 ngf = 256 channels, KD samples in eval mode)")
 
 
 @register_method("dafl", config=DAFLConfig)
@@ -46,7 +49,7 @@ class DAFL(Synthesizer):
 
     def setup(self) -> None:
         c = self.cfg
-        self.generator = new_generator(c.nz, c.ngf, self.image_shape, self.device)
+        self.generator = new_generator(c.nz, c.ngf, self.image_shape, self.device, start_mult=4 if c.variant == "cmi" else 2)
         self.optimizer = adam(self.generator.parameters(), self.device, lr=c.lr_g, betas=c.betas)
         self.bn_stats = BNStatistics(self.teacher) if c.bn > 0 else None
 
@@ -83,8 +86,9 @@ class DAFL(Synthesizer):
 
     @torch.no_grad()
     def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        # The generator stays in train mode (batch BN statistics), as in the Fast-Datafree code.
+        # Fast-Datafree samples in train mode (batch BN statistics); the CMI repository's DAFL in eval mode.
         z = torch.randn(batch_size, self.cfg.nz, device=self.device, generator=generator)
+        self.generator.train(self.cfg.variant == "fast")
         return self.generator(z)
 
     def dictionary_logits(self, batch_size: int = 1024) -> None:
