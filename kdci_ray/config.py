@@ -182,6 +182,11 @@ class KDCIConfig(Section):
     nredo: Int = Field(3, ge=1, description="k-means++ restarts; the lowest-inertia run is kept")
     max_train_points: Int = Field(100_000, ge=1, description="k-means trains on a seeded sample of this many rows")
     rebuild_every: Int = Field(0, ge=0, description="rebuild the dictionary every this many epochs (0: build once)")
+    min_images_per_prototype: Int = Field(
+        0, ge=0, description="the first dictionary waits (plain KD meanwhile) until a growing synthesizer pool holds this many images "
+        "per prototype (or is full): N prototypes from the first call's images barely cover what the student trains on later. "
+        "Single-process runs; data-parallel runs build at once. 0 (the default until a measured comparison picks one): build at "
+        "the first epoch")
     dictionary: Path | None = Field(
         None, description="a prebuilt dictionary (jobs/build_dictionary.py output) used instead of building one; needs rebuild_every 0"
     )

@@ -4,6 +4,7 @@ teacher; the reporting protocols (last, best by test labels, selected by val_agr
 import faiss  # noqa: F401  (before torch)
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -136,3 +137,21 @@ def test_the_public_recipe_options_decay_every_parameter_and_cmis_dafl_generator
     assert fast_variant.generator.conv_blocks[0].num_features == 2 * TINY["dafl"]["ngf"]
     fast_variant.sample(8, torch.Generator().manual_seed(0))
     assert fast_variant.generator.training  # Fast-Datafree's: batch statistics when sampling for KD
+
+
+def test_the_first_dictionary_waits_for_enough_pool_images(digits_teacher, tmp_path):
+    """kdci.min_images_per_prototype: DeepInv adds 32 images a call (one call an epoch); N = 8 x 8 per prototype =
+    64 images: epoch 1 is plain KD (no compensated score, no attention), the dictionary comes at epoch 2."""
+    from kdci_ray.engine.distill import distill_from_config
+
+    cfg = validate_config(DistillConfig, {
+        "name": "wait", "device": "cpu", "data": {"dataset": "digits"}, "teacher": {"arch": "digits_cnn", "weights": str(digits_teacher)},
+        "student": {"arch": "digits_cnn_small"}, "kdci": {"n": 8, "min_images_per_prototype": 8}, "optim": {"epochs": 3, "batch_size": 16},
+        "augment": {"crop_padding": 1, "hflip": False}, "output": {"dir": str(tmp_path)}, "validation": {"images": 16},
+        "synthesis": {"method": "deepinv", "batch_size": 32, "g_steps": 2, "kd_steps_per_call": 4},
+    })
+    history = distill_from_config(cfg).history
+    assert ["attention_entropy" in row for row in history] == [False, True, True]
+    assert "test_top1_compensated" not in history[0] and "test_top1_compensated" in history[1]
+    dictionary = json.loads((tmp_path / "wait" / "dictionary.json").read_text()) if (tmp_path / "wait" / "dictionary.json").exists() else None
+    assert dictionary is None or dictionary.get("samples", 64) >= 64

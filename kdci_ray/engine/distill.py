@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 # What the loop writes into a run directory (removed by output.overwrite=true, and nothing else).
 _RUN_FILES = (
     "checkpoint.pt", "checkpoint.pt.tmp", "student.safetensors", "student.json", "dictionary.safetensors", "metrics.json",
-    "config.yaml", "pool.parquet", "pool.parquet.tmp", "metrics.json.tmp",
+    "config.yaml", "pool.parquet", "pool.parquet.tmp", "metrics.json.tmp", "diagnostics.json",
 )
 
 
@@ -307,9 +307,20 @@ class _Run:
         if self.intervention is None:
             return False
         if self.dictionary is None:
-            return True
+            return not self.waiting_for_images(epoch)
         every = self.cfg.kdci.rebuild_every
         return every > 0 and epoch - self.dictionary_epoch >= every
+
+    def waiting_for_images(self, epoch: int) -> bool:
+        """True while a growing pool holds fewer than kdci.min_images_per_prototype x N images (single process)."""
+        k, source = self.cfg.kdci, self.source
+        if self.world > 1 or k.min_images_per_prototype == 0 or not getattr(source, "growing", False):
+            return False
+        have, need = source.dictionary_size(), k.min_images_per_prototype * k.n
+        if have < need:
+            log.info("dictionary: waiting for %d images (%d x N) before the first build, the pool holds %d; epoch %d is plain KD",
+                     need, k.min_images_per_prototype, have, epoch)
+        return have < need
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, device = self.cfg, self.runtime.device
@@ -339,7 +350,7 @@ class _Run:
         row["train_loss"] = totals[0] / per_step
         if hasattr(self.source, "epoch_metrics"):
             row.update(parallel.mean_over_ranks(self.source.epoch_metrics()))
-        if self.intervention is not None:
+        if self.intervention is not None and self.intervention.has_dictionary:
             row["attention_entropy"] = totals[1] / per_step
         seconds = time.perf_counter() - t0
         images = totals[-1]  # all ranks' images: the run's throughput
@@ -382,10 +393,11 @@ class _Run:
 
     def evaluate(self) -> dict[str, float]:
         # The compensated logits s' come from the same student forward as the raw ones.
-        heads = None if self.intervention is None else {"compensated": lambda s: self.intervention(s).logits}
+        heads = None if self.intervention is None or not self.intervention.has_dictionary else {
+            "compensated": lambda s: self.intervention(s).logits}
         scores = evaluate(self.student, self.test_batches, self.normalize, self.runtime, heads)
         row = {"test_top1": scores["top1"], "test_top5": scores["top5"]}
-        if self.intervention is not None:
+        if heads is not None:
             row.update(test_top1_compensated=scores["compensated_top1"], test_top5_compensated=scores["compensated_top5"])
         if self.validation is not None:
             row.update({k: float(v) for k, v in self.validation.score(self.student, self.prepare_input, self.runtime.autocast, heads).items()})

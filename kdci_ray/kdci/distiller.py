@@ -80,7 +80,7 @@ class Distiller(nn.Module):
         s = self.student(x)
         attention = None
         compensated = s
-        if self.intervention is not None:
+        if self.intervention is not None and self.intervention.has_dictionary:  # (none yet: plain KD until the first build)
             compensated, attention, _ = self.intervention(s)
         # The baseline's KD term sees s'; its other student terms may need the raw s ("unchanged").
         losses = self.kd_loss(compensated, t, raw_logits=s, **batch)
@@ -97,7 +97,7 @@ class Distiller(nn.Module):
     def compensated_logits(self, x: torch.Tensor) -> torch.Tensor:
         """s' at test time (a diagnostic: the deployed student is used alone)."""
         s = self.student(x)
-        return s if self.intervention is None else self.intervention(s).logits
+        return s if self.intervention is None or not self.intervention.has_dictionary else self.intervention(s).logits
 
 
 class CompensatedStudent(nn.Module):

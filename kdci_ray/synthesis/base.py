@@ -201,6 +201,15 @@ class Synthesizer:
         _, logits, _ = self.pool.filled()
         return iter(logits.split(batch_size))
 
+    def dictionary_size(self) -> int:
+        """Images `dictionary_images()` yields now."""
+        return len(self.pool)
+
+    @property
+    def growing(self) -> bool:
+        """Whether later calls add images the dictionary would cover (a pool not yet full)."""
+        return len(self.pool) < self.pool.capacity
+
     def min_dictionary_images(self) -> int:
         """Images available at the first dictionary build (checked against kdci.n before any work)."""
         initial = self._init_pool_rows() if self.cfg.init_pool is not None else 0

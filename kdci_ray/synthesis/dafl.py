@@ -94,6 +94,11 @@ class DAFL(Synthesizer):
     def dictionary_logits(self, batch_size: int = 1024) -> None:
         return None  # its dictionary images are not (only) its pool: the teacher computes their logits
 
+    growing = False  # the dictionary is built from fresh samples, as many as asked for
+
+    def dictionary_size(self) -> int:
+        return self.cfg.dictionary_samples
+
     def dictionary_images(self, batch_size: int = 1024) -> Iterator[torch.Tensor]:
         generator = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self.calls)
         # Train-mode sampling updates the generator's BN running statistics; building a dictionary

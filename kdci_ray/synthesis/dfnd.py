@@ -128,6 +128,8 @@ class DFND(Synthesizer):
         )
         return selection
 
+    growing = False  # the selection is made once
+
     # -- data-free validation: a seeded share of the selection, never trained on -------------------
     @property
     def fixed_rows(self) -> int:

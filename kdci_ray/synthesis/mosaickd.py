@@ -143,6 +143,9 @@ class MosaicKD(Synthesizer):
     def dictionary_logits(self, batch_size: int = 1024) -> None:
         return None  # its dictionary images are not (only) its pool: the teacher computes their logits
 
+    def dictionary_size(self) -> int:
+        return len(self.wild) + len(self.pool)
+
     def dictionary_images(self, batch_size: int = 1024) -> Iterator[torch.Tensor]:
         yield from self.wild.images_only(batch_size)
         yield from self.pool.batches(batch_size)
