@@ -87,6 +87,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     summary = {
         "run_dir": str(result.run_dir), "method": cfg.synthesis.method if cfg.pool is None else f"pool:{cfg.pool}", "kdci": cfg.kdci.enabled, "epochs": result.epoch,
         "finished": result.finished, "resumed_from": result.resumed_from, "test_top1": final.get("test_top1"),
+        # labelled: the last epoch (ours), the best test epoch (the public protocol), data-free agreement on held-out data
+        "test_top1_best": final.get("test_top1_best"), "test_top1_best_epoch": final.get("test_top1_best_epoch"),
+        "val_agreement": final.get("val_agreement"),
     }
     if cfg.kdci.enabled:
         summary["test_top1_compensated"] = final.get("test_top1_compensated")
