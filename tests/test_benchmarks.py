@@ -1,6 +1,7 @@
 """Benchmarks must not rot: each runs here at toy size through the same code it uses at full size."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +148,22 @@ def test_committed_ray_pipeline_results_are_well_formed():
     result = json.loads((REPO / "benchmarks" / "results" / "ray_pipeline-cpu.json").read_text())
     assert result["command"].startswith("python benchmarks/ray_pipeline.py")
     assert [r["workers"] for r in result["runs"]] == [1, 2] and all(r["generation_images_per_s"] > 0 for r in result["runs"])
+
+
+@pytest.mark.slow(seconds=25)
+def test_selection_study_and_dictionary_coverage_benchmarks_run_at_toy_size(digits_teacher, tmp_path):
+    """Issue 18's two studies, each through its real path at toy size (one method, one epoch)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for script, args in (("selection_study.py", ["--methods", "deepinv", "--n", "4", "--alpha", "1.0"]),
+                         ("dictionary_coverage.py", ["--methods", "deepinv", "--seeds", "0,1"])):
+        out = tmp_path / f"{script}.json"
+        cmd = [sys.executable, str(REPO / "benchmarks" / script), *args, "--teacher-weights", str(digits_teacher), "--workers", "1",
+               "--set", "optim.epochs=1", "--set", "synthesis.g_steps=2", "--set", "synthesis.kd_steps_per_call=5", "--out", str(out)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO / "benchmarks")
+        assert res.returncode == 0, res.stderr[-2000:]
+        result = json.loads(out.read_text())
+        assert result["command"].startswith(f"python benchmarks/{script}")
+        if script == "selection_study.py":
+            assert len(result["trials"]) == 2 and result["per_method"]["deepinv"]["regret"] >= 0
+        else:
+            assert len(result["runs"]) == 6 and result["summary"][1]["vs_first"]["pairs"] == 2
