@@ -185,3 +185,21 @@ def test_an_unreachable_tracking_server_or_a_file_store_is_one_line_in_seconds(t
         assert proc.returncode == 2 and dead in last and "does not answer" in last and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert time.perf_counter() - t0 < 15, cmd[1]
     assert not (tmp_path / "out").exists() and not (tmp_path / "ray").exists()  # nothing started, nothing written
+
+
+def test_experiments_open_on_the_training_runs_and_parent_runs_carry_a_description(tmp_path):
+    """MLflow 3's UI opens an untagged experiment on its GenAI overview: ours are tagged as model training (also
+    one an earlier version created untagged), and a parent run's description is its note."""
+    from kdci_ray.tracking import MlflowRunLogger
+    from kdci_ray.tracking.store import client, experiment_id
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with MlflowRunLogger.start("kdci-kind", "parent", uri=uri) as run:
+        run.describe("**Sweep**: 2 trials")
+    mlflow = client(uri)
+    assert mlflow.get_experiment_by_name("kdci-kind").tags["mlflow.experimentKind"] == "custom_model_development"
+    assert mlflow.get_run(run.run_id).data.tags["mlflow.note.content"] == "**Sweep**: 2 trials"
+    old = mlflow.create_experiment("made-by-an-older-version")
+    assert "mlflow.experimentKind" not in mlflow.get_experiment(old).tags
+    assert experiment_id(mlflow, "made-by-an-older-version") == old
+    assert mlflow.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"

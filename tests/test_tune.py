@@ -38,6 +38,8 @@ def test_a_two_trial_sweep_makes_one_parent_and_two_child_runs(ray_cluster, digi
     mlflow = client(uri)
     tags = mlflow.get_run(out["mlflow_parent_run_id"]).data.tags
     assert (tags["kdci.selection_metric"], tags["kdci.selection_saw_test_labels"]) == ("val_agreement", "false")
+    assert tags["mlflow.note.content"].startswith("**Sweep sweep2-sweep**: 2 trials over kdci.n, kdci.alpha")  # the run's description
+    assert mlflow.get_experiment_by_name("sweeps").tags["mlflow.experimentKind"] == "custom_model_development"
     experiment = mlflow.get_experiment_by_name("sweeps").experiment_id
     runs = mlflow.search_runs([experiment])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

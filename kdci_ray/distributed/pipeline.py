@@ -69,6 +69,12 @@ def run_pipeline(
     if parent is not None:
         parent.log_metrics({f"seconds_{k}": v for k, v in out["seconds"].items()} | {"pool_rows": out["pool_rows"]}, step=0)
         parent.log_metrics({k: out[k] for k in ("test_top1", "test_top1_compensated") if out.get(k) is not None}, step=out["epochs"])
+        scores = ", ".join(f"{k} {out[k]:.2f} %" for k in ("test_top1", "test_top1_compensated") if out.get(k) is not None)
+        parent.describe(
+            f"**Pipeline {cfg.name}**: {cfg.synthesis.method} generation ({out['pool_rows']} images, Ray Data) -> "
+            f"{'KDCI dictionary (distributed k-means, N = ' + str(cfg.kdci.n) + ') -> ' if cfg.kdci.enabled else ''}"
+            f"Ray Train distillation {cfg.teacher.arch} -> {cfg.student.arch}, {out['epochs']} epochs: {scores or 'no score'}.\n\n"
+            "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in out["seconds"].items()) + ". The distillation is the child run.")
         parent.end()
         out["mlflow_run_id"] = parent.run_id
     return out

@@ -219,6 +219,8 @@ def _summarize(parent, folder: Path, size, method, teacher_top1, manifest, runs,
     (folder / "summary.md").write_text(table)
     parent.log_artifact(folder / "summary.json")
     parent.log_artifact(folder / "summary.md")
+    parent.describe("**kdci-ray quickstart**: teacher training, Ray Data generation, the distributed dictionary, KD and KD + KDCI "
+                    "on Ray Train, and a Ray Tune sweep (child runs).\n\n" + table)
     parent.log_metrics({"kd_test_top1": summary["kd"]["test_top1"], "kdci_test_top1": summary["kdci"]["test_top1"],
                         "total_seconds": summary["total_seconds"]}, step=0)
     return summary

@@ -352,11 +352,31 @@ def sweep(
     if "kdci.n" in space and finished:
         group = "kdci.alpha" if "kdci.alpha" in space else None
         plot_rows = [{"n": r["kdci.n"], "group": r.get(group) if group else "all", metric: r[metric]} for r in finished]
-        parent.log_artifact(plots.metric_vs_n(plot_rows, path / "top1_vs_n.png", metric=metric, group="group"), "figures")
+        label = "alpha" if group else "trials"
+        parent.log_artifact(plots.metric_vs_n(plot_rows, path / "top1_vs_n.png", metric=metric, group="group", group_label=label), "figures")
     if best is not None:
         parent.log_metrics({f"best_{metric}": float(best[metric])}, step=0)
+    parent.describe(sweep_description(summary, space))
     parent.end()
     return summary
+
+
+def sweep_description(summary: dict, space: dict) -> str:
+    """The sweep's parent run description (Markdown): what ran, what it selected on, every trial."""
+    keys = [k for k in space if k != CELL]
+    lines = [f"**Sweep {summary['name']}**: {len(summary['trials'])} trials over {', '.join(keys) or 'cells'}. {summary['note']}.", "",
+             "| " + " | ".join([*([CELL] if any(CELL in t for t in summary["trials"]) else []), *keys, "epochs", summary["selected_on"],
+                                 "test_top1", "error"]) + " |"]
+    lines.append("|" + "---|" * (lines[-1].count("|") - 1))
+    for t in summary["trials"]:
+        cells = [*([str(t.get(CELL))] if CELL in t else []), *(str(t.get(k)) for k in keys), str(t.get("epochs")),
+                 *(f"{t[k]:.2f}" if isinstance(t.get(k), float) else "-" for k in (summary["selected_on"], "test_top1")),
+                 "failed" if t.get("error") else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    rho = (summary.get("rank_correlation") or {}).get("spearman")
+    if rho is not None:
+        lines += ["", f"Spearman rank correlation of val_agreement and test_top1 over the trials: {rho:+.2f}"]
+    return "\n".join(lines)
 
 
 LOWER_IS_BETTER = {"train_loss"}

@@ -56,7 +56,7 @@ from .checkpoint import (
 )
 from .evaluate import check_labeled, evaluate
 from .runtime import Runtime, device_memory_bytes, resolve_runtime, seed_everything
-from .step import KDStep, kd_teacher, resolve_compile
+from .step import KDStep, create_state, kd_teacher, resolve_compile
 from .diagnostics import SAMPLE, prototype_usage, shift_metrics, take, teacher_outputs
 from .validation import Validation, held_out_count, with_protocols
 from .teacher import card_options, lr_lambda, make_optimizer
@@ -268,6 +268,11 @@ class _Run:
             self.use_dictionary(load_prebuilt_dictionary(k.dictionary, k.n, self.teacher_id, self.num_classes), 0)
 
     def use_dictionary(self, dictionary: ConfounderDictionary, epoch: int) -> None:
+        if self.dictionary is None and self.optimizer.state:  # (also after a resume from a plain-KD epoch)
+            # The first dictionary after plain-KD epochs (kdci.min_images_per_prototype): the intervention's
+            # parameters get gradients from now on. Their optimizer state is created as torch would at a first
+            # step (zeros) so that fused SGD does not meet momentum buffers for some parameters and not others.
+            create_state(self.optimizer)
         self.dictionary, self.dictionary_epoch = dictionary, epoch
         self.intervention.set_dictionary(dictionary.prototypes, dictionary.priors)
 

@@ -74,6 +74,10 @@ class MlflowRunLogger:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)
 
+    def describe(self, markdown: str) -> None:
+        """The run's description in the UI (its note: Markdown, shown on the run's overview)."""
+        self.client.set_tag(self.run_id, "mlflow.note.content", markdown)
+
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
 

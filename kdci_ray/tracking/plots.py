@@ -50,27 +50,34 @@ def class_proportions(substitution: Sequence[int], original: Sequence[int], path
     ax.bar(x + 0.2, orig, 0.4, label="original data")
     ax.set_xticks(x, class_names or [str(i) for i in x], rotation=45 if len(x) > 12 else 0)
     ax.set_ylabel("share of images")
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize="small", frameon=False)  # below: bars stay visible
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # legends beside or below the axes are kept
     plt.close(fig)
     return Path(path)
 
 
-def metric_vs_n(rows: Sequence[dict], path: Path, metric: str = "test_top1", group: str = "alpha") -> Path:
-    """`metric` against the dictionary size N, one line per value of `group` (trials of a sweep)."""
+METRIC_LABELS = {
+    "test_top1": "test top-1 (%)", "test_top1_compensated": "test top-1, compensated (%)",
+    "val_agreement": "agreement with the teacher on held-out substitution data (%)", "val_kl": "KL(teacher || student), held out",
+}
+
+
+def metric_vs_n(rows: Sequence[dict], path: Path, metric: str = "test_top1", group: str = "alpha", group_label: str | None = None) -> Path:
+    """`metric` against the dictionary size N, one line per value of `group` (trials of a sweep), the legend
+    named `group_label = value` and placed beside the axes (never over the lines)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
     for key in sorted({r.get(group) for r in rows}, key=str):
         points = sorted((r["n"], r[metric]) for r in rows if r.get(group) == key and r.get(metric) is not None)
         if points:
-            ax.plot(*zip(*points), marker="o", label=f"{group}={key}")
+            ax.plot(*zip(*points), marker="o", label=f"{group_label or group} = {key}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("dictionary size N")
-    ax.set_ylabel(metric)
-    ax.legend()
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # legends beside or below the axes are kept
     plt.close(fig)
     return Path(path)
 
@@ -89,7 +96,7 @@ def tsne(features: dict[str, np.ndarray], labels: np.ndarray, path: Path, seed: 
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # legends beside or below the axes are kept
     plt.close(fig)
     return Path(path)
 
@@ -131,6 +138,6 @@ def shift_over_epochs(records: Sequence[dict], path: Path) -> Path:
         ax.set_title(f"KDCI prototypes at epoch {usage['epoch']}")
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize="small", frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # legends beside or below the axes are kept
     plt.close(fig)
     return Path(path)

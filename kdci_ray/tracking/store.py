@@ -85,12 +85,21 @@ def client(uri: str | None = None):
     return MlflowClient(tracking_uri=tracking_uri(uri))
 
 
+# MLflow 3's UI opens an experiment on the page of its kind; untagged ones land on the GenAI overview (traces,
+# token usage). Ours are model training: the UI then opens on the runs.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def experiment_id(mlflow_client, name: str) -> str:
-    """The experiment called `name`, created on first use (artifacts beside a local store)."""
+    """The experiment called `name`, created on first use (artifacts beside a local store), marked as a
+    model-training experiment (also when an earlier version created it unmarked)."""
     found = mlflow_client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    return mlflow_client.create_experiment(name, artifact_location=artifact_location(mlflow_client.tracking_uri))
+    if found is None:
+        return mlflow_client.create_experiment(name, artifact_location=artifact_location(mlflow_client.tracking_uri),
+                                               tags=dict([EXPERIMENT_KIND]))
+    if found.tags.get(EXPERIMENT_KIND[0]) is None:
+        mlflow_client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
+    return found.experiment_id
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, str]:
