@@ -61,7 +61,8 @@ def test_method_distills_digits(method, kdci, digits_teacher, tmp_path):
     assert result.finished and final["test_top1"] >= THRESHOLDS[method], final
     first = result.history[0]
     assert ("dfnd_selected" if method in SELECTING else "synth_loss") in first
-    assert all(k.startswith(("synth_", "dfnd_", "train_", "test_", "epoch", "lr", "images", "attention")) for k in first)
+    assert all(k.startswith(("synth_", "dfnd_", "train_", "test_", "epoch", "lr", "images", "attention", "val_", "shift_", "prototype_"))
+               for k in first)
     if kdci:
         assert "test_top1_compensated" in final and (tmp_path / cfg.name / "dictionary.safetensors").is_file()
 
