@@ -141,7 +141,7 @@ def test_dfnd_in_the_loop_selects_once_trains_the_transition_matrix_and_builds_t
     cfg = dfnd_config(digits_teacher, tmp_path, "optim.epochs=3", "synthesis.num_select=600", "kdci.n=16")
     source = make_source(cfg)
     result = distill(cfg, source)
-    assert builds == [600]  # once, from the whole selected set
+    assert builds == [540]  # once, from the selected set less the 10 % held out for validation
     history = result.history
     assert all(np.isfinite(row["train_noise_adaptation"]) and row["train_noise_adaptation"] > 0 for row in history)
     assert history[0]["dfnd_selected"] == 600
@@ -156,7 +156,10 @@ def test_dfnd_in_the_loop_selects_once_trains_the_transition_matrix_and_builds_t
     teacher = source.teacher
     expected = select_top_k(teacher, source.wild.batches(1024), source.teacher_input, 600)
     assert torch.equal(source.selection.indices, expected.indices)
-    assert torch.equal(source.pool.filled()[0], source.wild.gather(expected.indices))
+    train, held = source._split()  # a seeded 10 % of the selection is held out: never in a batch or the dictionary
+    assert len(held) == 60 and set(train.tolist()) | set(held.tolist()) == set(expected.indices.tolist())
+    assert torch.equal(source.pool.filled()[0], source.wild.gather(train))
+    assert torch.equal(source.validation_images(), source.wild.gather(held))
 
 
 def test_dfnd_noise_adaptation_off_is_plain_kd(digits_teacher, tmp_path):

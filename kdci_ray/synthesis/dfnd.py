@@ -214,7 +214,8 @@ class DFND(Synthesizer):
     def epoch_metrics(self) -> dict[str, float]:
         q = self.transition_matrix()
         off = q.masked_fill(torch.eye(self.num_classes, dtype=torch.bool, device=q.device), 0)
-        metrics = {"dfnd_selected": float(len(self.pool)), "dfnd_transition_offdiag_max": float(off.max())}
+        selected = len(self.selection) if self.selection is not None else len(self.pool)  # trained on + held out
+        metrics = {"dfnd_selected": float(selected), "dfnd_transition_offdiag_max": float(off.max())}
         if self.selection is not None:
             metrics["dfnd_score_min"] = float(self.selection.scores[-1])
         return metrics
