@@ -178,11 +178,12 @@ def test_pipeline_generates_builds_the_dictionary_and_distills_on_the_pool(fast_
     assert out["distill_epochs"] == 3 and out["resumed_from"] == 0 and set(out["stage_seconds"]) == {"generate", "dictionary", "distill"}
     history = json.loads((folder / "outputs" / "metrics.json").read_text())
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    # The run trained on the pool (each worker its half of the rows, held: 384 rows / 32 = 12 steps) with the
+    # The run trained on the pool (each worker its half of the rows, held: 384 rows, 346 trained on / 32 = 10 steps) with the
     # prebuilt dictionary.
     state = torch.load(ray_checkpoints(folder)[-1] / "checkpoint.pt", weights_only=True)
     parts = [torch.load(ray_checkpoints(folder)[-1] / f"checkpoint-rank{r}.pt", weights_only=True) for r in (0, 1)]
-    assert [p["source"]["size"] for p in parts] == [384, 384]
+    # (of which each holds out 10 % for data-free validation, 38 rows: rank 0 scores on its own)
+    assert [(p["source"]["size"], p["source"]["held_out"]) for p in parts] == [(346, 38), (346, 38)]
     assert [p["source"]["name"].split(" (rows ")[1] for p in parts] == ["0..384)", "384..768)"]
     dictionary = str(folder / "dictionary.safetensors")
     assert state["config"]["pool"] == str(folder / "pool") and state["config"]["kdci"]["dictionary"] == dictionary
@@ -309,7 +310,7 @@ def test_a_pool_run_on_one_ray_worker_is_the_single_process_run(ray_cluster, dig
     assert [r["train_loss"] for r in on_ray.history] == pytest.approx([r["train_loss"] for r in single.history], rel=1e-4)
     assert on_ray.history[-1]["test_top1"] == pytest.approx(single.history[-1]["test_top1"], abs=0.3)
     state = torch.load(Path(on_ray.checkpoint) / "checkpoint.pt", weights_only=True)  # one worker: no parts
-    assert state["source"]["size"] == 640 and state["source"]["name"].endswith("(rows 0..640)")
+    assert (state["source"]["size"], state["source"]["held_out"]) == (576, 64) and state["source"]["name"].endswith("(rows 0..640)")
 
 
 @pytest.mark.slow(seconds=25)
