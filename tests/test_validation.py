@@ -152,6 +152,9 @@ def test_the_first_dictionary_waits_for_enough_pool_images(digits_teacher, tmp_p
     })
     history = distill_from_config(cfg).history
     assert ["attention_entropy" in row for row in history] == [False, True, True]
+    # A run too short to reach the target builds at the latest after half of it (here at once: 1 epoch).
+    short = distill_from_config(cfg.model_copy(update={"name": "short", "optim": cfg.optim.model_copy(update={"epochs": 1})})).history
+    assert "test_top1_compensated" in short[0]
     assert "test_top1_compensated" not in history[0] and "test_top1_compensated" in history[1]
     dictionary = json.loads((tmp_path / "wait" / "dictionary.json").read_text()) if (tmp_path / "wait" / "dictionary.json").exists() else None
     assert dictionary is None or dictionary.get("samples", 64) >= 64

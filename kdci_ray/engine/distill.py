@@ -322,10 +322,15 @@ class _Run:
         if self.world > 1 or k.min_images_per_prototype == 0 or not getattr(source, "growing", False):
             return False
         have, need = source.dictionary_size(), k.min_images_per_prototype * k.n
-        if have < need:
-            log.info("dictionary: waiting for %d images (%d x N) before the first build, the pool holds %d; epoch %d is plain KD",
-                     need, k.min_images_per_prototype, have, epoch)
-        return have < need
+        if have >= need:
+            return False
+        if epoch > self.cfg.optim.epochs // 2:  # never more than half the run without KDCI (a short run builds at once)
+            log.warning("dictionary: the pool holds %d images, fewer than the %d (%d x N) asked for, at epoch %d of %d: built from "
+                        "them now", have, need, k.min_images_per_prototype, epoch, self.cfg.optim.epochs)
+            return False
+        log.info("dictionary: waiting for %d images (%d x N) before the first build, the pool holds %d; epoch %d is plain KD",
+                 need, k.min_images_per_prototype, have, epoch)
+        return True
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, device = self.cfg, self.runtime.device
