@@ -208,8 +208,8 @@ class ValidationConfig(Section):
     """Data-free validation: substitution data the run never trains on, scored against the teacher at every
     evaluation (val_agreement, val_kl): what model selection may use, since nobody holds the test labels."""
 
-    images: Int = Field(512, ge=0, description="held-out images: synthesizers make them with held-out seeds (once); fixed pools "
-                        "and selections hold out a seeded share of their rows (0: off)")
+    images: Int = Field(512, ge=0, description="held-out images: synthesizers make them with held-out seeds (once, at most one "
+                        "call's batch); fixed pools and selections hold out a seeded share of their rows (0: off)")
     share: float = Field(0.1, gt=0, lt=1, description="at most this share of a fixed pool or selection is held out")
 
 

@@ -158,3 +158,9 @@ def test_the_first_dictionary_waits_for_enough_pool_images(digits_teacher, tmp_p
     assert "test_top1_compensated" not in history[0] and "test_top1_compensated" in history[1]
     dictionary = json.loads((tmp_path / "wait" / "dictionary.json").read_text()) if (tmp_path / "wait" / "dictionary.json").exists() else None
     assert dictionary is None or dictionary.get("samples", 64) >= 64
+
+
+def test_a_synthesizer_holds_out_at_most_one_calls_batch(teacher, normalize):
+    cfg = validate_config(DistillConfig, {"name": "x", "data": {"dataset": "digits"}, "teacher": {"arch": "digits_cnn", "weights": "t"},
+                                          "student": {"arch": "digits_cnn_small"}})
+    assert held_out_count(cfg, make("deepinv", teacher, fresh_student(), normalize)) == 32  # 512 asked, batch 32

@@ -379,8 +379,8 @@ class _Run:
 
     def measure_shift(self, epoch: int) -> dict[str, float]:
         """Shift diagnostics of the current substitution data (engine/diagnostics.py); returns the scalars."""
-        images = take(self.source.dictionary_images(1024))
-        if images is None or not self.primary:
+        images = take(self.source.dictionary_images(1024)) if self.primary else None
+        if images is None:
             return {}
         t0 = time.perf_counter()
         logits, features = teacher_outputs(self.teacher, images, self.prepare_input, self.runtime.autocast)

@@ -18,12 +18,13 @@ from ..config import DistillConfig
 
 def held_out_count(cfg: DistillConfig, source) -> int:
     """How many images the run holds out: validation.images, at most validation.share of a fixed set or selection
-    (`source.fixed_rows`; None for a synthesizer, whose held-out images take nothing from training)."""
+    (`source.fixed_rows`), at most one synthesis call's batch for a synthesizer (None: its held-out images take
+    nothing from training, but each held-out call costs what a training call does: DeepInv at 224 px, minutes)."""
     v = cfg.validation
     if v.images == 0 or not hasattr(source, "hold_out"):
         return 0
     fixed = getattr(source, "fixed_rows", None)
-    return v.images if fixed is None else min(v.images, int(v.share * fixed))
+    return min(v.images, source.cfg.batch_size) if fixed is None else min(v.images, int(v.share * fixed))
 
 
 def with_protocols(row: dict, history: list[dict]) -> dict:
