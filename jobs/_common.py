@@ -4,7 +4,6 @@ config with its overrides, user errors as one line and exit code 2, and a JSON r
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -20,14 +19,17 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="distill config YAML (configs/<method>-<dataset>-<teacher>-<student>.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, as `ray job submit` sets it, else a local Ray)")
+    p.add_argument("--verbose", action="store_true", help="Ray's and faiss's own log lines and every epoch on the console too "
+                   "(or KDCI_VERBOSE=1); by default they are only in Ray's log files")
     return p
 
 
 def run(main) -> None:
     """Call `main()` -> dict; print it as one JSON line; input errors print one line and exit 2."""
     from kdci_ray.cli import USER_ERRORS, print_result
+    from kdci_ray.console import setup_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging(verbose="--verbose" in sys.argv[1:])  # before main() parses: its first lines already need it
     try:
         result = main()
     except USER_ERRORS as exc:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from .config import ConfigError
+from .console import setup_logging
 from .data import DatasetError
 from .models import WeightsError
 from .registry import UnknownNameError
@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdci-ray", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result line")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors too")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Ray's and faiss's own log lines and every epoch on the console "
+                        "too (or KDCI_VERBOSE=1); by default they are only in Ray's log files")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("evaluate", help="top-1/top-5 of a classifier on a labelled split; prints one JSON line")
@@ -285,12 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    setup_logging(verbose=args.verbose, quiet=args.quiet)
     try:
         return args.func(args)
     except USER_ERRORS as exc:

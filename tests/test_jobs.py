@@ -168,6 +168,14 @@ def test_ray_job_submit_runs_the_pipeline_against_a_head_on_localhost(ray_head, 
            "--storage", str(storage), "--shards", "2", "--calls-per-shard", "1", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0 and "succeeded" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+    # What `ray job submit` shows: the job's stages, epochs and result, none of Ray's or faiss's internal lines.
+    from test_console import internal_lines
+
+    console = (proc.stdout + proc.stderr).splitlines()
+    for stage in ("[1/3", "] generation: fast on Ray Data", "[2/3", "] dictionary: distributed k-means", "[3/3", "epoch 2/2 loss",
+                  "student top-1"):
+        assert any(stage in line for line in console), stage
+    assert not internal_lines(console), internal_lines(console)
     run = storage / "submitted"
     assert json.loads((run / "pool" / "manifest.json").read_text())["rows"] == 2 * 128
     assert (run / "dictionary.safetensors").is_file()

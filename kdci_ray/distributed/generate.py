@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..config import DistillConfig, validate_config
+from ..console import Progress
 from ..data import dataset_info
 from ..engine.distill import load_models
 from ..engine.runtime import resolve_runtime
@@ -205,7 +206,12 @@ def generate(
         ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
         ds = ds.map_batches(SynthesisWorker, fn_constructor_args=(cfg.model_dump(mode="json"),), batch_size=1,
                             compute=compute, **resources)
-        results = ds.take_all()
+        progress = Progress(len(tasks))
+        for row in ds.iter_rows():  # as the shards finish: about ten lines in all, with what is left
+            results.append(row)
+            if progress.due(len(results)):
+                log.info("generation: %d/%d shards, %d/%d synthesis calls  [%s]", len(results), len(tasks),
+                         len(results) * calls_per_shard, len(tasks) * calls_per_shard, progress.eta(len(results)))
     kept_rows = sum(pq.read_metadata(f).num_rows for f in done.values())
     seconds = time.perf_counter() - t0
     log.info("generate: %d shards (%d new) in %.1f s", shards, len(tasks), seconds)

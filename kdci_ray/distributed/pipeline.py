@@ -11,19 +11,17 @@ from its last checkpoint (a finished run returns at once).
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
 from ..config import DistillConfig, with_absolute_paths
+from ..console import Stages
 from ..engine.distill import check_pool_run, load_models
 from ..engine.runtime import resolve_runtime
 from .dictionary import dictionary_for_config
 from .generate import generate, select_wild
 from .session import ensure_ray
 from .train import distill_on_ray, distill_on_ray_tracked, resolve_storage
-
-log = logging.getLogger(__name__)
 
 
 def run_pipeline(
@@ -102,13 +100,16 @@ def _pipeline_run(cfg: DistillConfig, folder: Path, experiment: str, tracking_ur
 def _stages(cfg, storage, folder, pool, teacher_id, parent, *, shards, calls_per_shard, actors, dictionary_shards, workers, mode,
             use_gpu, max_failures, address, experiment) -> dict:
     seconds: dict[str, float] = {}
+    stages = Stages(3 if cfg.kdci.enabled else 2)
     t0 = time.perf_counter()
     if cfg.synthesis.method == "dfnd":
+        stages(f"selection: dfnd's top-k of the wild pool on Ray Data, {shards} shards -> {pool}")
         manifest = select_wild(cfg, pool, shards=shards, actors=actors, mode=mode)
     else:
+        stages(f"generation: {cfg.synthesis.method} on Ray Data, {shards} shards x {calls_per_shard} synthesis call(s) -> {pool}")
         manifest = generate(cfg, pool, shards=shards, calls_per_shard=calls_per_shard, actors=actors, mode=mode)
     seconds["generate"] = round(time.perf_counter() - t0, 2)
-    log.info("pipeline %s: %d substitution images in %s (%.1f s)", cfg.name, manifest["rows"], pool, seconds["generate"])
+    stages.done(f"{manifest['rows']} substitution images in {seconds['generate']:.0f} s")
     if parent is not None:
         _log_pool(parent, cfg.model_copy(update={"pool": pool}), pool)
 
@@ -116,12 +117,15 @@ def _stages(cfg, storage, folder, pool, teacher_id, parent, *, shards, calls_per
     dictionary_path = None
     if cfg.kdci.enabled:
         t0 = time.perf_counter()
+        stages(f"dictionary: distributed k-means, N = {cfg.kdci.n}, {dictionary_shards} shard actors")
         dictionary = dictionary_for_config(cfg, pool, teacher=teacher_id, cache_dir=storage / "dictionaries", shards=dictionary_shards)
         dictionary_path = dictionary.save(folder / "dictionary.safetensors")
         seconds["dictionary"] = round(time.perf_counter() - t0, 2)
+        stages.done(f"{dictionary.n} prototypes in {seconds['dictionary']:.0f} s")
         overrides["kdci"] = cfg.kdci.model_copy(update={"dictionary": dictionary_path, "rebuild_every": 0})
 
     t0 = time.perf_counter()
+    stages(f"distillation: Ray Train, {workers} DDP worker(s), {cfg.optim.epochs} epochs, KDCI {'on' if cfg.kdci.enabled else 'off'}")
     run_cfg = cfg.model_copy(update=overrides)
     options = dict(num_workers=workers, use_gpu=use_gpu, storage_path=storage, max_failures=max_failures, address=address)
     child_id = None
@@ -132,6 +136,7 @@ def _stages(cfg, storage, folder, pool, teacher_id, parent, *, shards, calls_per
         result = distill_on_ray(run_cfg, **options)
     seconds["distill"] = round(time.perf_counter() - t0, 2)
     final = result.final
+    stages.done(f"student top-1 {final.get('test_top1', float('nan')):.2f} % in {seconds['distill']:.0f} s")
     return {
         "name": cfg.name, "method": cfg.synthesis.method, "kdci": cfg.kdci.enabled, "pool": str(pool), "pool_rows": manifest["rows"],
         "dictionary": None if dictionary_path is None else str(dictionary_path), "run_dir": str(result.run_dir),

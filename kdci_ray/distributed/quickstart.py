@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..config import DistillConfig, TeacherTrainConfig, load_config, with_absolute_paths
+from ..console import Stages
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +56,6 @@ def _find_config(path: str) -> Path:
     raise FileNotFoundError(f"{path}: no such config here or in the kdci_ray checkout; run from the repository root or pass --config")
 
 
-class _Progress:
-    """One line per step on stderr, with the elapsed time, so a long run shows where it is."""
-
-    def __init__(self, steps: int):
-        self.steps, self.step, self.t0 = steps, 0, time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        self.step += 1
-        print(f"[{self.step}/{self.steps} {time.perf_counter() - self.t0:6.0f}s] {message}", file=sys.stderr, flush=True)
-
-    def done(self, message: str) -> None:
-        print(f"        {message}", file=sys.stderr, flush=True)
-
-
 def quickstart(
     *,
     size: str = "default",
@@ -97,7 +83,7 @@ def quickstart(
     plan = SIZES[size]
     storage = resolve_storage(storage_path)
     uri = resolve_uri(tracking_uri)
-    progress = _Progress(7)
+    progress = Stages(7)
 
     # Both configs parsed before any work: a bad file fails here.
     base = load_config(_find_config(config), DistillConfig)
@@ -191,7 +177,7 @@ def quickstart(
             on_pool.model_copy(update={"optim": base.optim.model_copy(update={"epochs": plan.sweep_epochs})}), space,
             scheduler="asha", grace_period=max(1, plan.sweep_epochs // 2), max_concurrent_trials=2, workers_per_trial=1,
             storage_path=folder / "tune", name="sweep", experiment=experiment, tracking_uri=uri, parent_run_id=parent.run_id,
-            dictionary_shards=workers, dictionary_cache=folder / "dictionaries", verbose=1,
+            dictionary_shards=workers, dictionary_cache=folder / "dictionaries",
         )
         seconds["sweep"] = round(time.perf_counter() - t0, 1)
         progress.done(f"{len(swept['trials'])} trials in {seconds['sweep']:.0f} s")

@@ -64,7 +64,7 @@ def reproduce(
         next(iter(cells.values())), space, cells=cells, search="grid", scheduler="fifo", metric="val_agreement" if validated else "train_loss",
         max_concurrent_trials=table.max_concurrent, workers_per_trial=table.workers_per_trial,
         gpus_per_worker=table.gpus_per_trial, use_gpu=table.gpus_per_trial is not None,
-        storage_path=storage_path, name=table.name, experiment=experiment, tracking_uri=tracking_uri, verbose=1, address=address,
+        storage_path=storage_path, name=table.name, experiment=experiment, tracking_uri=tracking_uri, address=address,
     )
     rows = table_rows(table, summary["trials"], teacher_accuracies(cells))
     folder = Path(summary["storage"])

@@ -16,19 +16,29 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
+    from .. import console
+
     if ray.is_initialized():
         return ray
+    console.quiet_console_handlers()  # Ray's handler exists from `import ray` on: its lines while starting are filtered too
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-        log.info("ray: connected to %s", address)
+        what = f"connected to {address}"
     else:
         end_helpers_of_killed_drivers()
         # A local Ray for this process only: no dashboard, nothing listening beyond this machine. "local": a
         # new one even where `ray start` left a cluster behind (ray.init would otherwise join that one).
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
         _record_driver(ray)
-        log.info("ray: started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
+        what = f"started a local Ray with {ray.cluster_resources().get('CPU'):g} CPUs"
+    import ray.data  # noqa: F401  (it adds its console handler on import: filtered below with the rest)
+
+    console.quiet_console_handlers()
+    if console.filter_forwarded_lines(ray):
+        log.info("ray: %s; its own log lines are in %s (--verbose shows them here)", what, console.ray_log_folder(ray) or "Ray's session logs")
+    else:
+        log.info("ray: %s", what)
     return ray
 
 

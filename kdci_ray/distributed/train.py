@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import console
 from ..config import DistillConfig, validate_config, with_absolute_paths
 from ..data import SubstitutionSet
 from ..engine.distill import distill, finished_history, make_source, pool_schema, preflight
@@ -121,6 +122,7 @@ def _train_worker(config: dict) -> None:
     cfg = validate_config(DistillConfig, config["cfg"], "the run's config")
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    console_of_worker(config, rank)
     # The device Ray Train gave this worker (cuda:<local rank>); CPU workers stay on the CPU even on a GPU node.
     cfg = cfg.model_copy(update={"device": str(ray.train.torch.get_device()) if config["use_gpu"] else "cpu"})
     if cfg.pool is not None:
@@ -145,6 +147,21 @@ def _train_worker(config: dict) -> None:
     if rank == 0:  # and its end: where it continued from, so restarts are visible afterwards
         _record_attempt(run_dir, {"status": "finished", "started": t0, "ended": time.time(), "resumed_from": result.resumed_from,
                                   "epoch": result.epoch})
+
+
+def console_settings(progress: bool = True) -> dict:
+    """What a worker needs to know of the driver's console: --verbose, and whether its progress lines are wanted
+    (a sweep's trials are not: the driver prints one line per trial result)."""
+    return {"verbose": console.is_verbose(), "progress": progress}
+
+
+def console_of_worker(config: dict, rank: int) -> None:
+    """Rank 0 tells the run's story; the other ranks (the same epochs) and a sweep's trials say only warnings, unless verbose."""
+    settings = config.get("console", {})
+    if settings.get("verbose"):
+        console.set_verbose(True)
+    elif rank > 0 or not settings.get("progress", True):
+        logging.getLogger("kdci_ray").setLevel(logging.WARNING)
 
 
 def _record_attempt(run_dir: Path, line: dict) -> None:
@@ -300,6 +317,7 @@ def distill_on_ray(
     callbacks: list | None = None,
     mlflow_run: dict | None = None,
     probe_cuda: bool = True,
+    progress: bool = True,
 ) -> RayDistillResult:
     """Run `cfg` as a Ray Train job of `num_workers` DDP workers; submitting the same (storage_path, name)
     again resumes it (a finished run returns its results without training).
@@ -308,6 +326,7 @@ def distill_on_ray(
     workers share the CPUs leaving one free. `max_failures`: restarts after a worker died. `callbacks`: Ray Train user callbacks
     (Tune's TuneReportCallback in a sweep); `mlflow_run`: {"uri", "run_id"} that rank 0 logs its epochs to.
     `probe_cuda`: check that torch sees CUDA where GPU workers run before starting them (a sweep checks once).
+    `progress`: rank 0's per-epoch lines on the console (a sweep prints its own, one per trial result).
     """
     check_gpu_fraction(gpus_per_worker, num_workers)
     cfg = with_absolute_paths(cfg)
@@ -333,7 +352,8 @@ def distill_on_ray(
     for attempt in range(max_failures + 1):
         trainer = TorchTrainer(
             _train_worker,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "use_gpu": use_gpu, "mlflow_run": mlflow_run},
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "use_gpu": use_gpu, "mlflow_run": mlflow_run,
+                               "console": console_settings(progress)},
             scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
             run_config=ray.train.RunConfig(
                 name=cfg.name, storage_path=str(storage),
@@ -426,6 +446,7 @@ def _teacher_worker(config: dict) -> None:
     from ..engine.teacher import train_teacher
 
     limit_threads_to_cpu_share()
+    console_of_worker(config, ray.train.get_context().get_world_rank())
     cfg = validate_config(TeacherTrainConfig, config["cfg"], "the teacher config")
     cfg = cfg.model_copy(update={"device": str(ray.train.torch.get_device()) if config["use_gpu"] else "cpu"})
     train_teacher(cfg)  # rank 0 writes the weights and the card the driver reads
@@ -456,7 +477,7 @@ def train_teacher_on_ray(
         check_gpu_workers_see_cuda(ray, resources, "Ray Train worker")
     trainer = TorchTrainer(
         _teacher_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "use_gpu": use_gpu},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "use_gpu": use_gpu, "console": console_settings()},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=f"teacher-{cfg.name}-{int(time.time())}", storage_path=str(storage),
                                        logging_config=_train_logging()),

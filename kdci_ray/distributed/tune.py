@@ -17,10 +17,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+from .. import console
 from ..config import DistillConfig, apply_overrides, validate_config, with_absolute_paths
 from ..engine.distill import check_dictionary_size, preflight
 from .session import check_gpu_fraction, check_gpu_workers_see_cuda, cluster_gpus, ensure_ray, train_worker_resources
@@ -116,6 +118,7 @@ def _trial(config: dict, bases: dict, parent: dict, settings: dict) -> None:
             gpus_per_worker=settings["gpus_per_worker"],
             storage_path=settings["storage"], max_failures=0, callbacks=[TuneReportCallback()],
             mlflow_run={"uri": parent["uri"], "run_id": child.run_id}, probe_cuda=False,  # the sweep probed once
+            progress=False,  # the driver prints each trial's epochs (trial_lines); the workers' lines would interleave
         )
     except BaseException:
         child.end("KILLED")  # ASHA stopping a trial, or an error: the run stays, marked as not finished
@@ -248,6 +251,12 @@ def sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    if not console.is_verbose():
+        # Tune's newer console output prints its experiment box and paths even at verbose 0; the older one
+        # is silent there, and trial_lines tells the sweep's story instead.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    console.quiet_console_handlers()  # (handlers Tune's import added)
+
     # Each trial's workers must fit the cluster (refused here, not left pending by Tune for ever).
     use_gpu, resources = train_worker_resources(ray, workers_per_trial, use_gpu, gpus_per_worker, 1.0, what="--workers-per-trial")
     if use_gpu:
@@ -314,7 +323,9 @@ def sweep(
                 scheduler=ASHAScheduler(time_attr="epoch", max_t=max(c.optim.epochs for c in configs.values()) + 1, grace_period=grace_period, reduction_factor=2)
                 if scheduler == "asha" else FIFOScheduler(),
             ),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=verbose),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=(2 if console.is_verbose() else 0) if verbose is None else verbose,
+                                      callbacks=[trial_lines(metric, trial_count(space, search, num_samples, len(configs) if cells else 1),
+                                                             max(c.optim.epochs for c in configs.values()))]),
         )
     t0 = time.perf_counter()
     try:
@@ -359,6 +370,64 @@ def sweep(
     parent.describe(sweep_description(summary, space))
     parent.end()
     return summary
+
+
+def trial_count(space: dict[str, Any], search: str, num_samples: int, cells: int = 1) -> int:
+    """Trials a sweep starts: every grid point (x cells) num_samples times, or num_samples draws."""
+    if search != "grid":
+        return num_samples
+    points = 1
+    for spec in space.values():
+        points *= len(spec) if isinstance(spec, list) else 1
+    return points * cells * num_samples
+
+
+_SHORT = {"kdci.n": "N", "kdci.alpha": "alpha", CELL: "cell"}
+
+
+def trial_lines(metric: str, n_trials: int, epochs: int, lines: int = 24):
+    """A Tune callback (on the driver) that tells a sweep's story: about `lines` lines of trial results in all (a
+    trial's every epoch with --verbose), each with the trial's values and the sweep's elapsed time and what is
+    left at most (ASHA stops some trials early), and one line per finished, stopped or failed trial."""
+    from ray import tune
+
+    from ..console import Progress, duration
+
+    class TrialLines(tune.Callback):
+        def __init__(self):
+            self.progress = Progress(n_trials * epochs)
+            self.every = 1 if console.is_verbose() else max(1, round(epochs / max(1, lines // n_trials)))
+            self.epochs_done, self.last = 0, {}
+
+        def _label(self, trials_now, trial) -> str:
+            values = ", ".join(f"{_SHORT.get(key, key)} = {value}" for key, value in (trial.config or {}).items())
+            number = trials_now.index(trial) + 1 if trial in trials_now else "?"
+            return f"trial {number}/{max(n_trials, len(trials_now))} ({values})"
+
+        def _scores(self, result: dict) -> str:
+            keys = [metric] + (["test_top1"] if metric != "test_top1" else [])
+            return ", ".join(f"{key} {result[key]:.2f}{' %' if 'top1' in key or 'agreement' in key else ''}"
+                             for key in keys if isinstance(result.get(key), (int, float)))
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            epoch = int(result.get("epoch", 0) or 0)
+            self.epochs_done += 1
+            self.last[trial.trial_id] = result
+            if epoch % self.every == 0 and epoch < epochs:  # (the last epoch: on_trial_complete says it)
+                log.info("%s epoch %d/%d: %s  [%d/%d trial epochs, %s at most]", self._label(trials, trial), epoch, epochs,
+                         self._scores(result), self.epochs_done, n_trials * epochs, self.progress.eta(self.epochs_done))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = self.last.get(trial.trial_id, {})
+            epoch = int(result.get("epoch", 0) or 0)
+            how = "finished" if epoch >= epochs else f"stopped by {'ASHA' if epoch else 'Tune'} after epoch {epoch}"
+            log.info("%s %s: %s  [%s]", self._label(trials, trial), how, self._scores(result),
+                     duration(time.perf_counter() - self.progress.t0))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            log.warning("%s failed (its error is in the sweep summary and in %s)", self._label(trials, trial), trial.local_path)
+
+    return TrialLines()
 
 
 def sweep_description(summary: dict, space: dict) -> str:

@@ -38,6 +38,7 @@ from typing import Iterator, Protocol
 import torch
 
 from ..config import DistillConfig, dump_config
+from ..console import Progress
 from ..data import DeviceBatches, Normalize, SubstitutionSet, dataset_info, epoch_generator, load_dataset
 from ..kdci import (
     CausalIntervention,
@@ -621,6 +622,7 @@ def distill(
         cfg.optim.epochs, run.steps_per_epoch, runtime.describe(), f", rank {run.rank} of {world}" if world > 1 else "",
     )
     policy = run.checkpoints = result.checkpoints = CheckpointPolicy(cfg.checkpoint_every)
+    progress = Progress(cfg.optim.epochs, start=start - 1)
     with stop_on_sigterm(world == 1) as sigterm:
         for epoch in range(start, cfg.optim.epochs + 1):
             t0 = time.perf_counter()
@@ -645,13 +647,14 @@ def distill(
             if hasattr(logger, "on_checkpoint"):  # optional: loggers written before the hook existed still work
                 logger.on_checkpoint(epoch, row, written)
             result.epoch = epoch
-            log.info(
-                "epoch %d/%d loss %.4f%s%s%s%s  %.0f img/s%s", epoch, cfg.optim.epochs, row["train_loss"],
+            (log.info if progress.due(epoch) else log.debug)(  # about ten lines a run (every epoch with --verbose)
+                "epoch %d/%d loss %.4f%s%s%s%s  %.0f img/s%s  [%s]", epoch, cfg.optim.epochs, row["train_loss"],
                 f" synthesis loss {row['synth_loss']:.4f}" if "synth_loss" in row else "",
                 f" test {row['test_top1']:.2f}%" if "test_top1" in row else "",
                 f" (compensated {row['test_top1_compensated']:.2f}%)" if "test_top1_compensated" in row else "",
                 f", agreement with the teacher on held-out data {row['val_agreement']:.2f}%" if "val_agreement" in row else "",
                 row["images_per_s"], f", checkpoint {policy.last_write:.2f} s" if due and policy.last_write is not None else "",
+                progress.eta(epoch),
             )
             if sigterm.is_set() and epoch < cfg.optim.epochs:
                 if not due:  # the signal came while this epoch was being wrapped up

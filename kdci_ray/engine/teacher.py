@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TeacherTrainConfig, dump_config
+from ..console import Progress
 from ..data import DeviceBatches, Normalize, dataset_info, load_dataset, random_crop_flip
 from ..models import ModelCard, create_model, save_classifier
 from . import parallel
@@ -125,6 +126,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
 
     history, metrics = [], {"top1": float("nan"), "top5": float("nan")}
     start = time.perf_counter()
+    progress = Progress(cfg.optim.epochs)
     for epoch in range(1, cfg.optim.epochs + 1):
         trained.train()
         t0 = time.perf_counter()
@@ -160,10 +162,10 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
         history.append(row)
         if not math.isfinite(row["train_loss"]):
             raise FloatingPointError(f"train-teacher {cfg.name}: loss became {row['train_loss']} at epoch {epoch}; lower optim.lr")
-        log.info(
-            "epoch %d/%d loss %.4f train %.2f%%%s  %.0f img/s",
+        (log.info if progress.due(epoch) else log.debug)(  # about ten lines a run (every epoch with --verbose)
+            "epoch %d/%d loss %.4f train %.2f%%%s  %.0f img/s  [%s]",
             epoch, cfg.optim.epochs, row["train_loss"], row["train_top1"],
-            f" test {row['test_top1']:.2f}%" if "test_top1" in row else "", row["images_per_s"],
+            f" test {row['test_top1']:.2f}%" if "test_top1" in row else "", row["images_per_s"], progress.eta(epoch),
         )
     seconds = time.perf_counter() - start
     if not primary:

@@ -113,7 +113,7 @@ def log_student_model(run: MlflowRunLogger, weights: Path, image_shape: tuple[in
         with mlflow.start_run(run_id=run.run_id):
             # Requirements named, not inferred (inference imports and inspects the whole environment: slow).
             mlflow.pytorch.log_model(
-                student.cpu().eval(), name="student_model", input_example=np.zeros((1, *image_shape), dtype=np.float32),
+                student.cpu().eval(), name="student_model", input_example=np.zeros((2, *image_shape), dtype=np.float32),  # 2: a batch of 1 would fix the batch size at 1
                 serialization_format="pt2", pip_requirements=["torch", "torchvision"],
             )
     finally:
