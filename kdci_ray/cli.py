@@ -112,14 +112,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
     """The MLflow UI on this machine's loopback, on the same store the runs were written to."""
     import os
 
-    from .tracking.store import artifact_location, tracking_uri
+    from .tracking.store import UI_VIEW, artifact_location, tracking_uri, ui_links
 
     uri = tracking_uri(args.tracking_uri)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     artifacts = artifact_location(uri)
     if artifacts:
         cmd += ["--default-artifact-root", artifacts]
-    print(f"MLflow UI: http://{args.host}:{args.port}  (store {uri}; Ctrl-C stops it)", file=sys.stderr, flush=True)
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI: {base}/#/experiments?{UI_VIEW}  (store {uri}; Ctrl-C stops it)", file=sys.stderr)
+    for name, link in ui_links(uri, base):  # straight to each experiment's training runs
+        print(f"  {name}: {link}", file=sys.stderr)
+    sys.stderr.flush()
     # Become the server (no wrapper process): signals to this process reach MLflow itself.
     os.execve(sys.executable, cmd, {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
 
@@ -174,8 +178,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     summary = quickstart(size=args.size, config=args.config, storage_path=args.storage, tracking_uri=args.tracking_uri,
                          experiment=args.experiment, workers=args.workers, address=args.address)
     print(summary_table(summary), file=sys.stderr)
+    from .tracking.store import UI_VIEW
+
     print(f"Everything is in MLflow (experiment {summary['experiment']}, run {summary['mlflow_run_id']}); open it with:\n\n"
-          f"    {ui_command(summary['tracking_uri'])}\n", file=sys.stderr)
+          f"    {ui_command(summary['tracking_uri'])}\n\nthen http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}/runs/"
+          f"{summary['mlflow_run_id']}?{UI_VIEW} (this quickstart's run: its description, child runs and figures)\n", file=sys.stderr)
     print_result(summary)
     failed = failed_trials(summary)
     if failed:  # the table shows them; the exit code tells scripts

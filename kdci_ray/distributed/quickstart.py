@@ -199,6 +199,7 @@ def _summarize(parent, folder: Path, size, method, teacher_top1, manifest, runs,
                   for r in swept["trials"]],
         "best": swept["best"], "selected_on": swept["selected_on"], "rank_correlation": swept["rank_correlation"], "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1),
         "storage": str(folder), "tracking_uri": uri, "mlflow_run_id": parent.run_id, "experiment": experiment,
+        "experiment_id": parent.client.get_run(parent.run_id).info.experiment_id,
     }
     (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     table = summary_table(summary)

@@ -86,8 +86,18 @@ def client(uri: str | None = None):
 
 
 # MLflow 3's UI opens an experiment on the page of its kind; untagged ones land on the GenAI overview (traces,
-# token usage). Ours are model training: the UI then opens on the runs.
+# token usage). Ours are model training: the UI then opens on the runs. MLflow 3.17's UI has a GenAI / Model
+# training switch of its own (kept in the browser, GenAI at first) that wins over the tag: UI_VIEW in a link sets it.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+UI_VIEW = "workflowType=machine_learning"
+
+
+def ui_links(uri: str, base: str, limit: int = 5) -> list[tuple[str, str]]:
+    """(name, link) of the store's most recent experiments that hold runs, each opening on its training runs."""
+    mlflow_client = client(uri)
+    found = [e for e in mlflow_client.search_experiments(max_results=50, order_by=["last_update_time DESC"])
+             if e.name != "Default" or mlflow_client.search_runs([e.experiment_id], max_results=1)]
+    return [(e.name, f"{base}/#/experiments/{e.experiment_id}?{UI_VIEW}") for e in found[:limit]]
 
 
 def experiment_id(mlflow_client, name: str) -> str:
