@@ -112,6 +112,8 @@ def test_ui_serves_the_runs_on_localhost(tmp_path):
     finally:  # the server and the workers it started
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+    # Links that open the experiment on its training runs (MLflow 3.17's GenAI / Model training switch in the URL).
+    assert f"kdci-ui: {base}/#/experiments/{experiment}?workflowType=machine_learning" in server.stdout.read()
 
 
 def test_logging_a_model_leaves_the_default_store_alone(tmp_path, monkeypatch):
