@@ -57,6 +57,10 @@ def shoot(page, url: str, out: Path, settle: float, wait_text: str | None = None
     if close.count():
         close.first.click()
         time.sleep(1)
+    more = page.get_by_text("Show more", exact=True)  # a run's description, whole (it holds the summary table)
+    if more.count():
+        more.first.click()
+        time.sleep(1)
     if expand:  # the parent run's child runs, unfolded
         toggle = page.locator("[role=row]", has_text=expand).locator("button")  # its first button is the +/- toggle
         if toggle.count():
