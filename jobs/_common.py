@@ -15,12 +15,13 @@ import faiss  # noqa: E402,F401  (before torch: their OpenMP runtimes otherwise 
 
 
 def parser(description: str) -> argparse.ArgumentParser:
+    from kdci_ray.console import VERBOSE_HELP
+
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", required=True, help="distill config YAML (configs/<method>-<dataset>-<teacher>-<student>.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, as `ray job submit` sets it, else a local Ray)")
-    p.add_argument("--verbose", action="store_true", help="Ray's and faiss's own log lines and every epoch on the console too "
-                   "(or KDCI_VERBOSE=1); by default they are only in Ray's log files")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return p
 
 

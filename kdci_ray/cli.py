@@ -7,7 +7,7 @@ import json
 import sys
 
 from .config import ConfigError
-from .console import setup_logging
+from .console import VERBOSE_HELP, setup_logging
 from .data import DatasetError
 from .models import WeightsError
 from .registry import UnknownNameError
@@ -210,8 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdci-ray", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result line")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors too")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Ray's and faiss's own log lines and every epoch on the console "
-                        "too (or KDCI_VERBOSE=1); by default they are only in Ray's log files")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("evaluate", help="top-1/top-5 of a classifier on a labelled split; prints one JSON line")

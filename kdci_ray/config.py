@@ -185,8 +185,8 @@ class KDCIConfig(Section):
     min_images_per_prototype: Int = Field(
         0, ge=0, description="the first dictionary waits (plain KD meanwhile) until a growing synthesizer pool holds this many images "
         "per prototype (or is full), at most half the run: N prototypes from the first call's images barely cover what the student "
-        "trains on later. Single-process runs; data-parallel runs build at once. 0 (the default; the DeepInv configs set 16, "
-        "measured): build at the first epoch")
+        "trains on later. Single-process runs; data-parallel runs build at once. 0 (the default; the DeepInv and CMI configs set "
+        "16, measured): build at the first epoch")
     dictionary: Path | None = Field(
         None, description="a prebuilt dictionary (jobs/build_dictionary.py output) used instead of building one; needs rebuild_every 0"
     )

@@ -16,6 +16,8 @@ import sys
 import time
 
 VERBOSE_ENV = "KDCI_VERBOSE"
+VERBOSE_HELP = ("Ray's and faiss's own log lines and every epoch on the console too (or KDCI_VERBOSE=1); by default they "
+                "are only in Ray's log files")
 
 # Lines of Ray's and faiss's internals, as Ray forwards them from its workers (raw text: no logger name or level
 # survives the trip) or as their loggers write them in this process.

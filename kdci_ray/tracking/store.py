@@ -93,7 +93,8 @@ UI_VIEW = "workflowType=machine_learning"
 
 
 def ui_links(uri: str, base: str, limit: int = 5) -> list[tuple[str, str]]:
-    """(name, link) of the store's most recent experiments that hold runs, each opening on its training runs."""
+    """(name, link) of the store's most recently updated experiments (MLflow's "Default" only when it holds runs),
+    each opening on its training runs."""
     mlflow_client = client(uri)
     found = [e for e in mlflow_client.search_experiments(max_results=50, order_by=["last_update_time DESC"])
              if e.name != "Default" or mlflow_client.search_runs([e.experiment_id], max_results=1)]
